@@ -1,0 +1,84 @@
+"""The `rrt` console script: one subcommand per pipeline stage.
+
+    rrt convert SRC OUT --loops B [--sharing cycle|sequence] [--init stepwise|average|lower]
+                [--lora-rank R|full|0] [--lora-init svd|zero] [--dtype float32|bfloat16]
+
+Errors a user can cause print one line naming the bad value and what is allowed, and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rrt_ray.convert.init_strategies import INIT_STRATEGIES
+from rrt_ray.models.config import LORA_INITS
+from rrt_ray.models.layer_map import SHARING_CHOICES
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a Hugging Face decoder into a (relaxed) recursive model",
+        description="Convert SRC (a Hugging Face model directory or hub id) into a recursive model at OUT.",
+    )
+    p.add_argument("src", metavar="SRC", help="Hugging Face model directory, hub id, or s3:// URI")
+    p.add_argument("out", metavar="OUT", help="output directory or s3:// URI (written atomically)")
+    p.add_argument("--loops", type=int, required=True, help="B: how many times the shared block runs (divides the layer count)")
+    p.add_argument("--sharing", choices=SHARING_CHOICES, default="cycle", help="loop the whole block (cycle) or repeat each layer (sequence)")
+    p.add_argument("--init", choices=list(INIT_STRATEGIES), default="average", help="shared-layer initialisation (default: average)")
+    p.add_argument("--lora-rank", default="0", help="per-depth LoRA rank: an integer, 0 for a plain recursive model, or 'full' (exact)")
+    p.add_argument("--lora-init", choices=LORA_INITS, default="svd", help="truncated SVD of the residual, or zero")
+    p.add_argument("--lora-targets", default=None, help="comma-separated projections (q,k,v,o,gate,up,down or module names); default: all")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="h = W'x + scale * B A x (default 1)")
+    p.add_argument("--share-non-lora", action="store_true", help="share norm weights and biases across depths (not exact)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="storage dtype of the output")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> None:
+    from rrt_ray.convert import convert_checkpoint
+
+    report = convert_checkpoint(
+        args.src,
+        args.out,
+        loops=args.loops,
+        sharing=args.sharing,
+        init=args.init,
+        lora_rank=args.lora_rank,
+        lora_init=args.lora_init,
+        lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else None,
+        lora_scale=args.lora_scale,
+        share_non_lora=args.share_non_lora,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(report.table())
+    ranks = ", ".join(f"{k}={v}" for k, v in report.lora_ranks.items()) or "none (plain recursive)"
+    print(f"LoRA ranks: {ranks}")
+    print(f"wrote {report.out} in {report.seconds:.1f}s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rrt", description="Relaxed Recursive Transformers on Ray")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_convert(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, PermissionError) as err:
+        print(f"rrt {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

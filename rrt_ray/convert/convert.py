@@ -1,0 +1,318 @@
+"""Convert a Hugging Face decoder checkpoint into a (Relaxed) Recursive Transformer directory.
+
+Conversion is data: the recursive model is built on the meta device to list its parameters, and each
+one is computed from the source tensors it stands for:
+    shared linear  W'_k           = mean of the source layers chosen by the init strategy
+    LoRA at (k, b) (A, B)         = truncated SVD of W_{tied[k][b]} - W'_k   (or zero init)
+    per-depth norm / bias [b]     = the tied original layer's own tensor
+    embeddings, final norm, head  = copied
+It streams one shared layer at a time into its own safetensors shard, so converting a 1B model holds
+the embeddings plus one layer group in memory, not three copies of the model. Everything is written to
+a temporary sibling of OUT and renamed into place at the end: a failed conversion leaves nothing at OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from rrt_ray.convert.init_strategies import INIT_STRATEGIES, init_source_layers
+from rrt_ray.convert.source import SourceCheckpoint, checkpoint_renames, resolve_source
+from rrt_ray.convert.svd import truncated_svd
+from rrt_ray.models.arch import check_supported, layers_path, resolve_projections
+from rrt_ray.models.config import LORA_INITS, RecursiveConfig
+from rrt_ray.models.layer_map import SHARING_CHOICES, check_loops, tied_layers
+from rrt_ray.models.lora import RelaxedLoRALinear
+from rrt_ray.models.per_depth import PerDepth
+from rrt_ray.models.recursive import RecursiveForCausalLM
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Files copied verbatim from SRC so that the output is a complete Hugging Face directory.
+COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+@dataclass
+class ConvertSpec:
+    """What `rrt convert` is asked to do. Validated before any weight is read."""
+
+    loops: int
+    sharing: str = "cycle"
+    init: str = "average"
+    lora_rank: int | str = 0  # int >= 0, or "full" (exact: reproduces the original model)
+    lora_init: str = "svd"
+    lora_targets: tuple[str, ...] | None = None  # None: every linear projection of the layer
+    lora_scale: float = 1.0
+    share_non_lora: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora_rank, str) and self.lora_rank != "full":
+            try:
+                self.lora_rank = int(self.lora_rank)
+            except ValueError:
+                raise ValueError(f"--lora-rank must be an integer >= 0 or 'full', got {self.lora_rank!r}") from None
+        if isinstance(self.lora_rank, int) and self.lora_rank < 0:
+            raise ValueError(f"--lora-rank must be an integer >= 0 or 'full', got {self.lora_rank}")
+        if self.sharing not in SHARING_CHOICES:
+            raise ValueError(f"unknown sharing {self.sharing!r}; allowed: {', '.join(SHARING_CHOICES)}")
+        if self.init not in INIT_STRATEGIES:
+            raise ValueError(f"unknown init {self.init!r}; allowed: {', '.join(INIT_STRATEGIES)}")
+        if self.lora_init not in LORA_INITS:
+            raise ValueError(f"unknown lora init {self.lora_init!r}; allowed: {', '.join(LORA_INITS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
+        if self.loops < 1:
+            raise ValueError(f"--loops must be >= 1, got {self.loops}")
+
+
+@dataclass
+class ConvertReport:
+    out: str
+    params: dict[str, int]
+    original_params: int
+    seconds: float
+    lora_ranks: dict[str, int] = field(default_factory=dict)
+
+    def table(self) -> str:
+        rows = [(role, n) for role, n in self.params.items() if role != "total"]
+        rows += [("total", self.params["total"]), ("original", self.original_params)]
+        lines = [f"{'parameters':<12}{'count':>15}{'of original':>13}"]
+        for role, n in rows:
+            lines.append(f"{role:<12}{n:>15,}{n / self.original_params:>12.1%}")
+        return "\n".join(lines)
+
+
+def _check_out(out: str, overwrite: bool) -> Path:
+    path = Path(out).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"OUT {out!r} is a file; give a directory path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(f"OUT {out!r} exists and is not empty; pass --overwrite to replace it")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"OUT {out!r} is not writable ({parent} is a file, not a directory)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"OUT {out!r} is not writable (no write permission on {parent})")
+    return path
+
+
+def _resolve_ranks(skeleton: RecursiveForCausalLM, spec: ConvertSpec) -> dict[str, int]:
+    """Rank per projection module name, validated against every matrix it applies to."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, module in skeleton.unrolled_layers.shared[0].named_modules():
+        if isinstance(module, RelaxedLoRALinear):
+            shapes[name.rpartition(".")[2]] = (module.out_features, module.in_features)
+    targets = sorted(shapes) if spec.lora_targets is None else resolve_projections(spec.lora_targets, set(shapes))
+    if spec.lora_rank == 0:
+        return {}
+    ranks = {}
+    for leaf in targets:
+        full = min(shapes[leaf])
+        if spec.lora_rank == "full":
+            ranks[leaf] = full
+        elif spec.lora_rank > full:
+            out_f, in_f = shapes[leaf]
+            raise ValueError(
+                f"--lora-rank {spec.lora_rank} is larger than the {leaf} matrix allows ({out_f}x{in_f}: at most {full}); "
+                "use a smaller rank or 'full'"
+            )
+        else:
+            ranks[leaf] = spec.lora_rank
+    return ranks
+
+
+class _LayerGroupConverter:
+    """Computes the tensors of one shared layer from the source layers tied to it."""
+
+    def __init__(self, source: SourceCheckpoint, config: RecursiveConfig, spec: ConvertSpec) -> None:
+        text = config.text_config
+        self.source, self.spec = source, spec
+        self.prefix = layers_path(text.model_type)
+        self.tied = tied_layers(text.num_hidden_layers, config.num_loops, config.sharing)
+        self.init_from = init_source_layers(spec.init, text.num_hidden_layers, config.num_loops, config.sharing)
+        self.scale = config.lora_scale
+
+    def _mean(self, layers: list[int], rel: str) -> torch.Tensor:
+        total = self.source.get(f"{self.prefix}.{layers[0]}.{rel}")
+        for layer in layers[1:]:
+            total += self.source.get(f"{self.prefix}.{layer}.{rel}")
+        return total / len(layers)
+
+    def _stack(self, k: int, rel: str) -> torch.Tensor:  # (B, *shape), one slice per depth
+        return torch.stack([self.source.get(f"{self.prefix}.{layer}.{rel}") for layer in self.tied[k]])
+
+    def linear(self, k: int, rel: str, module: RelaxedLoRALinear) -> dict[str, torch.Tensor]:
+        shared = self._mean(self.init_from[k], f"{rel}.weight")  # W'_k: (d_out, d_in)
+        tensors = {"weight": shared}
+        if module.bias is not None:
+            shared_bias = module.bias.dim() == 1
+            tensors["bias"] = self._mean(self.init_from[k], f"{rel}.bias") if shared_bias else self._stack(k, f"{rel}.bias")
+        if module.rank > 0:
+            lora_a, lora_b = [], []
+            for depth, layer in enumerate(self.tied[k]):
+                if self.spec.lora_init == "svd":
+                    residual = self.source.get(f"{self.prefix}.{layer}.{rel}.weight") - shared
+                    us, vh = truncated_svd(residual, module.rank, seed=k * 1000 + depth)
+                    lora_a.append(vh)
+                    lora_b.append(us / self.scale)
+                else:  # zero: the usual LoRA start, B A = 0 with a random A so that B gets gradients
+                    a = torch.empty(module.rank, module.in_features)
+                    torch.nn.init.kaiming_uniform_(a, a=5**0.5, generator=torch.Generator().manual_seed(k * 1000 + depth))
+                    lora_a.append(a)
+                    lora_b.append(torch.zeros(module.out_features, module.rank))
+            tensors["lora_a"] = torch.stack(lora_a)  # (B, r, d_in)
+            tensors["lora_b"] = torch.stack(lora_b)  # (B, d_out, r)
+        return tensors
+
+    def per_depth(self, k: int, rel: str, module: PerDepth) -> dict[str, torch.Tensor]:
+        return {name: self._stack(k, f"{rel}.{name}") for name in module.param_names}
+
+    def shared_small(self, k: int, rel: str, names: list[str]) -> dict[str, torch.Tensor]:
+        return {name: self._mean(self.init_from[k], f"{rel}.{name}") for name in names}
+
+
+def _layer_tensors(layer: torch.nn.Module, k: int, group: _LayerGroupConverter) -> dict[str, torch.Tensor]:
+    """All tensors of shared layer k, named relative to the layer."""
+    out: dict[str, torch.Tensor] = {}
+    for rel, module in layer.named_modules():
+        if isinstance(module, RelaxedLoRALinear):
+            tensors = group.linear(k, rel, module)
+        elif isinstance(module, PerDepth):
+            tensors = group.per_depth(k, rel, module)
+        else:  # with share_non_lora, norms stay plain modules holding one shared copy
+            names = [name for name, _ in module.named_parameters(recurse=False)]
+            tensors = group.shared_small(k, rel, names) if names else {}
+        out.update({f"{rel}.{name}": t for name, t in tensors.items()})
+    return out
+
+
+def convert_checkpoint(
+    src: str,
+    out: str,
+    *,
+    loops: int,
+    sharing: str = "cycle",
+    init: str = "average",
+    lora_rank: int | str = 0,
+    lora_init: str = "svd",
+    lora_targets: tuple[str, ...] | None = None,
+    lora_scale: float = 1.0,
+    share_non_lora: bool = False,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConvertReport:
+    """Convert SRC (a Hugging Face directory or hub id) into a recursive model directory at OUT."""
+    started = time.perf_counter()
+    spec = ConvertSpec(loops, sharing, init, lora_rank, lora_init, lora_targets and tuple(lora_targets), lora_scale, share_non_lora, dtype)
+    out_path = _check_out(out, overwrite)
+    src_path = resolve_source(src)
+    text = AutoConfig.from_pretrained(src_path)
+    check_supported(text)
+    check_loops(text.num_hidden_layers, loops)
+
+    def build(ranks: dict[str, int]) -> RecursiveForCausalLM:
+        config = RecursiveConfig(
+            text_config=text.to_dict(),
+            num_loops=loops,
+            sharing=sharing,
+            lora_rank=ranks,
+            lora_scale=lora_scale,
+            share_non_lora=share_non_lora,
+            init_strategy=init,
+            lora_init=lora_init,
+        )
+        with torch.device("meta"):
+            return RecursiveForCausalLM(config)
+
+    ranks = _resolve_ranks(build({}), spec)
+    skeleton = build(ranks)
+    config = skeleton.config
+    with torch.device("meta"):
+        original = AutoModelForCausalLM.from_config(text)
+    original_params = original.num_parameters()
+    source = SourceCheckpoint(src_path, checkpoint_renames(original))
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
+    try:
+        _write_weights(skeleton, source, spec, tmp, progress)
+        config.dtype = dtype
+        config.save_pretrained(tmp)
+        for name in COPIED_FILES:
+            if (src_path / name).is_file():
+                shutil.copy2(src_path / name, tmp / name)
+        if out_path.exists():
+            shutil.rmtree(out_path)
+        os.replace(tmp, out_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ConvertReport(str(out_path), skeleton.parameter_counts(), original_params, time.perf_counter() - started, ranks)
+
+
+def _write_weights(skeleton: RecursiveForCausalLM, source: SourceCheckpoint, spec: ConvertSpec, tmp: Path, progress: bool) -> None:
+    dtype = DTYPES[spec.dtype]
+    shared = skeleton.unrolled_layers.shared
+    layers_prefix = "backbone." + layers_path(skeleton.config.text_config.model_type)
+    tied_targets = set(skeleton.all_tied_weights_keys)
+    group = _LayerGroupConverter(source, skeleton.config, spec)
+    num_shards = len(shared) + 1
+    weight_map: dict[str, str] = {}
+    total_size = 0
+
+    def write(shard: int, tensors: dict[str, torch.Tensor]) -> None:
+        nonlocal total_size
+        file = f"model-{shard:05d}-of-{num_shards:05d}.safetensors"
+        tensors = {name: t.to(dtype).contiguous() for name, t in tensors.items()}
+        save_file(tensors, tmp / file, metadata={"format": "pt"})
+        for name, t in tensors.items():
+            weight_map[name] = file
+            total_size += t.numel() * t.element_size()
+
+    # Shard 1: everything outside the shared layers (embeddings, final norm, untied head).
+    outside = {}
+    for name, _ in skeleton.named_parameters():
+        if name.startswith(layers_prefix + ".") or name in tied_targets:
+            continue
+        source_name = name.removeprefix("backbone.")
+        if source_name not in source:
+            raise ValueError(f"source checkpoint has no tensor {source_name!r}; is it a {skeleton.config.text_config.model_type} model?")
+        outside[name] = source.get(source_name)
+    write(1, outside)
+    del outside
+
+    bar = tqdm(range(len(shared)), desc="converting shared layers", unit="layer", disable=not progress, file=sys.stderr)
+    for k in bar:
+        tensors = _layer_tensors(shared[k], k, group)
+        write(k + 2, {f"{layers_prefix}.shared.{k}.{rel}": t for rel, t in tensors.items()})
+    expected = {n for n, _ in skeleton.named_parameters()} - tied_targets
+    missing = expected - set(weight_map)
+    if missing:
+        raise RuntimeError(f"conversion left parameters unset: {sorted(missing)[:5]}")
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,53 @@
+"""PerDepth: one copy of a small module's parameters per loop depth (norm weights, per-head norms).
+
+A shared decoder layer runs B times; its norms are tiny next to its matrices, so by default every
+depth keeps its own copy (initialised from the original layer at that depth), which keeps the
+conversion exact at full LoRA rank. The wrapped module's own parameters are removed and replaced,
+for each call, by the slice of the stacked parameter for the current depth (`torch.func.
+functional_call`), so any norm class works unchanged: RMSNorm, Gemma's (1 + w) RMSNorm, LayerNorm
+with bias, Qwen3's per-head q/k norms.
+
+Parameter `input_layernorm.weight` of shape (H,) becomes `input_layernorm.weight` of shape (B, H).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+Depth = int | torch.Tensor
+
+
+class PerDepth(nn.Module):
+    def __init__(self, module: nn.Module, num_depths: int) -> None:
+        super().__init__()
+        if any(True for _ in module.children()):
+            raise ValueError(f"PerDepth wraps leaf modules only, got {type(module).__name__} with children")
+        self.num_depths = num_depths
+        self.param_names = [name for name, _ in module.named_parameters()]
+        for name in self.param_names:
+            param = module._parameters.pop(name)
+            setattr(module, name, None)  # a placeholder that functional_call overwrites per call
+            stacked = param.detach().unsqueeze(0).expand(num_depths, *param.shape).clone()  # (B, *shape)
+            self.register_parameter(name, nn.Parameter(stacked, requires_grad=param.requires_grad))
+        self.inner = module
+        self.depth: Depth = 0
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        depth = self.depth
+        if isinstance(depth, int):
+            params = {name: getattr(self, name)[depth] for name in self.param_names}
+            return functional_call(self.inner, params, (x, *args), kwargs)
+        # Tokens at different depths (continuous depth-wise batching): run each depth's group.
+        # depth: x.shape[:-1] with -1 for padding slots, which are computed at depth 0 and ignored.
+        depth = depth.clamp_min(0)
+        out = torch.empty_like(x)
+        for d in torch.unique(depth).tolist():
+            rows = depth == d
+            params = {name: getattr(self, name)[d] for name in self.param_names}
+            out[rows] = functional_call(self.inner, params, (x[rows], *args), kwargs)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"depths={self.num_depths}, params={self.param_names}"

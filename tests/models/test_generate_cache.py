@@ -1,0 +1,59 @@
+"""generate() with the KV cache keyed by unrolled position."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rrt_ray.convert import convert_checkpoint
+from rrt_ray.testing import VOCAB, tiny_model
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    original = tiny_model("llama")
+    original.save_pretrained(root / "src")
+    out = {"original": original}
+    for loops in (2, 3):
+        convert_checkpoint(str(root / "src"), str(root / f"l{loops}"), loops=loops, lora_rank=8, progress=False)
+        out[loops] = AutoModelForCausalLM.from_pretrained(root / f"l{loops}").eval()
+    return out
+
+
+@pytest.mark.parametrize("loops", [2, 3])
+def test_greedy_generate_with_cache_equals_without(converted, loops):
+    model = converted[loops]
+    prompt = torch.randint(0, VOCAB, (2, 7))
+    with_cache = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
+    without = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert with_cache.shape == (2, 19)
+    assert torch.equal(with_cache, without)
+
+
+@pytest.mark.parametrize("loops", [2, 3])
+def test_every_unrolled_position_has_its_own_cache_slot(converted, loops):
+    model = converted[loops]
+    out = model(torch.randint(0, VOCAB, (1, 5)), use_cache=True)
+    cache = out.past_key_values
+    assert len(cache.layers) == 6
+    keys = [layer.keys for layer in cache.layers]
+    # positions 0 and K run the same shared layer at different depths: their keys must both be kept
+    num_shared = 6 // loops
+    assert not torch.allclose(keys[0], keys[num_shared])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(converted):
+    model = converted[2]
+    model.train()
+    tokens = torch.randint(0, VOCAB, (2, 9))
+    grads = []
+    for checkpointing in (False, True):
+        model.gradient_checkpointing_enable() if checkpointing else model.gradient_checkpointing_disable()
+        model.zero_grad()
+        model(tokens, labels=tokens).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.gradient_checkpointing_disable()
+    model.eval()
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
