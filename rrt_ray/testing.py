@@ -38,3 +38,44 @@ def tiny_model(family: str, num_layers: int = 6, seed: int = 0) -> torch.nn.Modu
             if param.dim() == 1:  # norm weights and biases
                 param.add_(0.1 * torch.randn_like(param))
     return model.eval()
+
+
+def write_random_checkpoint(config: PreTrainedConfig, path: str, seed: int = 0) -> int:
+    """Write a random checkpoint of `config` as one safetensors shard per layer; return its fp32 bytes.
+
+    Streams layer by layer so that a 1B-parameter source can be produced without holding the model.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    tied = set(skeleton.all_tied_weights_keys)
+    groups: dict[str, dict[str, torch.Size]] = {}
+    for name, param in skeleton.named_parameters():
+        if name in tied:
+            continue
+        parts = name.split(".")
+        key = ".".join(parts[:3]) if ".layers." in name else "other"
+        groups.setdefault(key, {})[name] = param.shape
+    generator = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    for i, (key, shapes) in enumerate(groups.items()):
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name, shape in shapes.items():
+            if len(shape) == 1:  # norms around 1, biases around 0
+                base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+                tensors[name] = base + 0.1 * torch.randn(shape, generator=generator)
+            else:
+                tensors[name] = 0.02 * torch.randn(shape, generator=generator)
+            weight_map[name] = file
+            total += tensors[name].numel() * 4
+        save_file(tensors, out / file, metadata={"format": "pt"})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    config.save_pretrained(out)
+    return total

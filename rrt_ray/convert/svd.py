@@ -1,10 +1,14 @@
 """Truncated SVD of the residual W_l - W' for the relaxed LoRA initialisation.
 
-For low ranks a randomized SVD (Halko et al.; `torch.svd_lowrank`, with oversampling and power
-iterations) costs O(m n (r + p)) instead of the O(m n min(m, n)) of a full SVD. On TinyLlama-shaped
-residuals at rank 64 its reconstruction error is within 0.1% of the full SVD's (measured by
-jobs/bench_convert.py, results/bench_convert.md); above a quarter of the full rank the full SVD is
-both exact and cheap enough, so it is used there.
+For low ranks a randomized SVD (Halko, Martinsson & Tropp 2011, with oversampling and power
+iterations) costs O(m n (r + p)) instead of the O(m n min(m, n)) of a full SVD. Its reconstruction
+error on TinyLlama-shaped residuals at rank 64 is within 0.1% of the full SVD's (jobs/bench_convert.py,
+results/bench_convert.md); above a quarter of the full rank the full SVD is used (exact, and then
+not much dearer).
+
+It is written with matmuls plus LAPACK calls on (q, q) matrices only, not `torch.svd_lowrank`: that
+one calls QR and SVD on (m, q) and (q, n) panels, and MKL's threaded QR slowed down 100x (0.36 s per
+5632x80 QR) whenever the 2 cores were shared with another process; matmuls are unaffected.
 """
 
 from __future__ import annotations
@@ -29,11 +33,46 @@ def truncated_svd(matrix: torch.Tensor, rank: int, *, seed: int = 0) -> tuple[to
     if rank >= FULL_SVD_FRACTION * full:
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     else:
-        with torch.random.fork_rng(devices=[]):  # deterministic, and leaves the caller's RNG alone
-            torch.manual_seed(seed)
-            u, s, v = torch.svd_lowrank(matrix, q=min(rank + OVERSAMPLE, full), niter=POWER_ITERATIONS)
-        vh = v.mT
+        generator = torch.Generator().manual_seed(seed)
+        return _randomized_svd(matrix, rank, generator)
     return u[:, :rank] * s[:rank], vh[:rank].contiguous()
+
+
+def _orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning y (m, q), through the (q, q) Gram matrix in float64."""
+    gram = (y.mT @ y).double()
+    evals, evecs = torch.linalg.eigh(gram)
+    keep = evals > evals[-1].clamp_min(1e-300) * 1e-12  # drop directions y does not span (rank-deficient residuals)
+    transform = evecs[:, keep] / evals[keep].sqrt()
+    q = y @ transform.to(y.dtype)
+    # One re-orthonormalisation pass: the Gram route squares the condition number, a second pass
+    # brings orthogonality back to float32 precision.
+    gram = (q.mT @ q).double()
+    evals, evecs = torch.linalg.eigh(gram)
+    return q @ (evecs / evals.clamp_min(1e-30).sqrt()).to(q.dtype)
+
+
+def _randomized_svd(matrix: torch.Tensor, rank: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    m, n = matrix.shape
+    if not matrix.any():  # identical tied layers: the residual, and so the LoRA, is zero
+        return matrix.new_zeros(m, rank), matrix.new_zeros(rank, n)
+    q = min(rank + OVERSAMPLE, m, n)
+    y = matrix @ torch.randn(n, q, generator=generator)  # (m, q): a sketch of the range
+    for _ in range(POWER_ITERATIONS):  # sharpen towards the top singular directions
+        y = matrix @ (matrix.mT @ _orthonormal_basis(y))
+    basis = _orthonormal_basis(y)  # (m, q')
+    small = basis.mT @ matrix  # (q', n): matrix ~= basis @ small
+    evals, evecs = torch.linalg.eigh((small @ small.mT).double())  # SVD of `small` via its (q', q') Gram
+    order = evals.argsort(descending=True)[:rank]
+    sigma = evals[order].clamp_min(0).sqrt()
+    left = evecs[:, order]  # (q', r)
+    nonzero = sigma > sigma.max().clamp_min(1e-30) * 1e-7  # zero residual (e.g. identical layers) -> zero LoRA
+    us = basis @ (left * torch.where(nonzero, sigma, 0)).to(matrix.dtype)  # (m, r)
+    vh = ((left.mT / torch.where(nonzero, sigma, 1)[:, None]).to(matrix.dtype) @ small) * nonzero[:, None]  # (r, n)
+    if us.shape[1] < rank:  # the matrix spans fewer directions than asked: pad with zeros
+        us = torch.cat([us, us.new_zeros(m, rank - us.shape[1])], 1)
+        vh = torch.cat([vh, vh.new_zeros(rank - vh.shape[0], n)], 0)
+    return us, vh.contiguous()
 
 
 def relative_error(matrix: torch.Tensor, us: torch.Tensor, vh: torch.Tensor) -> float:

@@ -51,6 +51,9 @@ class UnrolledLayers(nn.Module):
         self.shared = shared
         self.positions = positions
         self.gradient_checkpointing = False
+        # Pass each token's depth as a tensor (the multi-LoRA kernels' per-token path, as continuous
+        # depth-wise batching uses) even when all tokens share it; off: a python int, the fast path.
+        self.per_token_depth = False
         self._calls = [_PositionCall(self, p) for p in positions]
         self._depth_modules = [[m for m in layer.modules() if isinstance(m, (RelaxedLoRALinear, PerDepth))] for layer in shared]
         self._attention_modules = [[m for m in layer.modules() if hasattr(m, "layer_idx")] for layer in shared]
@@ -78,7 +81,9 @@ class UnrolledLayers(nn.Module):
         layer = self.shared[position.shared]
 
         def step(h: torch.Tensor) -> torch.Tensor:
-            self.set_position(position)  # runs again when the backward pass recomputes this step
+            # runs again when the backward pass recomputes this step
+            depth = torch.full(h.shape[:-1], position.depth, device=h.device) if self.per_token_depth else None
+            self.set_position(position, depth)
             out = layer(h, *args, **kwargs)
             return out[0] if isinstance(out, tuple) else out
 
