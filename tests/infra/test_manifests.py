@@ -1,0 +1,105 @@
+"""infra/ manifests against the KubeRay CRD schemas (shared/kuberay-crds), strictly.
+
+CRD schemas rarely forbid unknown fields, so plain JSON-schema validation would accept a misspelled
+key; `unknown_fields` walks the schema as `kubectl apply --validate=strict` does.
+"""
+
+import copy
+import functools
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CRDS = ROOT.parent / "shared" / "kuberay-crds"
+MANIFESTS = sorted((ROOT / "infra" / "kuberay").glob("*.yaml"))
+
+
+@functools.cache
+def _schemas() -> dict[str, dict]:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 60k lines
+    schemas = {}
+    for file in CRDS.glob("ray.io_*.yaml"):
+        crd = yaml.load(file.read_text(), Loader=loader)
+        version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+        schemas[crd["spec"]["names"]["kind"]] = version["schema"]["openAPIV3Schema"]
+    return schemas
+
+
+def _schema(kind: str) -> dict:
+    if not CRDS.is_dir():
+        pytest.skip(f"KubeRay CRD schemas not found at {CRDS} (shared/ sits beside the clone in CI)")
+    return _schemas()[kind]
+
+
+def unknown_fields(obj, schema: dict, path: str = "") -> list[str]:
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    found = []
+    if isinstance(obj, dict) and "properties" in schema:
+        for key, value in obj.items():
+            if key in schema["properties"]:
+                found += unknown_fields(value, schema["properties"][key], f"{path}.{key}")
+            elif not schema.get("additionalProperties"):
+                found.append(f"{path}.{key}")
+    elif isinstance(obj, dict) and isinstance(schema.get("additionalProperties"), dict):
+        for key, value in obj.items():
+            found += unknown_fields(value, schema["additionalProperties"], f"{path}.{key}")
+    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        for i, value in enumerate(obj):
+            found += unknown_fields(value, schema["items"], f"{path}[{i}]")
+    return found
+
+
+def _check(manifest: dict) -> list[str]:
+    schema = _schema(manifest["kind"])
+    jsonschema.validate(manifest, schema)
+    return unknown_fields(manifest, schema)
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_matches_the_crd_strictly(path):
+    manifest = yaml.safe_load(path.read_text())
+    assert manifest["apiVersion"] == "ray.io/v1"
+    assert _check(manifest) == []
+
+
+def test_the_strict_check_catches_a_misspelled_field():
+    manifest = yaml.safe_load((ROOT / "infra/kuberay/rayjob-uptrain.yaml").read_text())
+    bad = copy.deepcopy(manifest)
+    bad["spec"]["entrypointt"] = bad["spec"].pop("entrypoint")
+    assert _check(bad) == [".spec.entrypointt"]
+    bad = copy.deepcopy(manifest)
+    bad["spec"]["backoffLimit"] = "one"
+    with pytest.raises(jsonschema.ValidationError):
+        _check(bad)
+
+
+def test_rayjob_entrypoint_runs_a_job_and_config_of_this_repo():
+    manifest = yaml.safe_load((ROOT / "infra/kuberay/rayjob-uptrain.yaml").read_text())
+    argv = shlex.split(manifest["spec"]["entrypoint"])
+    assert argv[0] == "python" and (ROOT / argv[1]).is_file()
+    assert (ROOT / argv[argv.index("--config") + 1]).is_file()
+
+
+def test_every_image_is_the_project_image_and_ray_version_matches_the_pin():
+    pinned = next(line for line in (ROOT / "pyproject.toml").read_text().splitlines() if '"ray[' in line)
+    for path in MANIFESTS:
+        text = path.read_text()
+        manifest = yaml.safe_load(text)
+        spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+        assert spec["rayVersion"] in pinned, path.name
+        images = [line.split("image:")[1].strip() for line in text.splitlines() if "image:" in line]
+        assert images and all(image == "rrt-ray:0.1.0" for image in images), path.name
+
+
+def test_ray_up_config_and_runtime_env_parse():
+    cluster = yaml.safe_load((ROOT / "infra/cluster.yaml").read_text())
+    assert cluster["head_node_type"] in cluster["available_node_types"]
+    assert {"cluster_name", "provider", "max_workers"} <= cluster.keys()
+    runtime_env = yaml.safe_load((ROOT / "infra/runtime_env.yaml").read_text())
+    assert set(runtime_env) <= {"env_vars", "excludes", "working_dir", "pip", "py_modules"}
+    assert not any("AWS_" in key for key in runtime_env["env_vars"])  # credentials never in manifests
