@@ -14,6 +14,7 @@ import sys
 from rrt_ray.convert.init_strategies import INIT_STRATEGIES
 from rrt_ray.models.config import LORA_INITS
 from rrt_ray.models.layer_map import SHARING_CHOICES
+from rrt_ray.storage import StorageError
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError) as err:
+    except (ValueError, FileNotFoundError, PermissionError, StorageError) as err:
         print(f"rrt {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

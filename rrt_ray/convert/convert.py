@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from rrt_ray import storage
 from rrt_ray.convert.init_strategies import INIT_STRATEGIES, init_source_layers
 from rrt_ray.convert.source import SourceCheckpoint, checkpoint_renames, resolve_source
 from rrt_ray.convert.svd import truncated_svd
@@ -226,9 +227,35 @@ def convert_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
 ) -> ConvertReport:
-    """Convert SRC (a Hugging Face directory or hub id) into a recursive model directory at OUT."""
+    """Convert SRC (a Hugging Face directory, hub id or s3:// URI) into a recursive model at OUT.
+
+    An s3:// SRC is downloaded (checksums verified) to a temporary directory first; an s3:// OUT is
+    converted locally and then uploaded, its checksum manifest written last.
+    """
     started = time.perf_counter()
     spec = ConvertSpec(loops, sharing, init, lora_rank, lora_init, lora_targets and tuple(lora_targets), lora_scale, share_non_lora, dtype)
+    if storage.is_remote(src) or storage.is_remote(out):
+        for uri in (src, out):
+            if storage.is_remote(uri):
+                storage.check_s3_access(uri)
+        if storage.is_remote(out) and storage.exists(storage.join(out, "config.json")) and not overwrite:
+            raise ValueError(f"OUT {out!r} already holds a model; pass --overwrite to replace it")
+        with tempfile.TemporaryDirectory(prefix="rrt-convert-") as scratch:
+            local_src = src
+            if storage.is_remote(src):
+                local_src = str(Path(scratch) / "src")
+                storage.download_dir(src, local_src)
+            local_out = str(Path(scratch) / "out") if storage.is_remote(out) else out
+            report = convert_checkpoint(
+                local_src, local_out, loops=loops, sharing=sharing, init=init, lora_rank=lora_rank,
+                lora_init=lora_init, lora_targets=lora_targets, lora_scale=lora_scale,
+                share_non_lora=share_non_lora, dtype=dtype, overwrite=overwrite, progress=progress,
+            )
+            if storage.is_remote(out):
+                storage.upload_dir(local_out, out)
+                report.out = out
+        report.seconds = time.perf_counter() - started
+        return report
     out_path = _check_out(out, overwrite)
     src_path = resolve_source(src)
     text = AutoConfig.from_pretrained(src_path)
