@@ -54,6 +54,9 @@ class UnrolledLayers(nn.Module):
         # Pass each token's depth as a tensor (the multi-LoRA kernels' per-token path, as continuous
         # depth-wise batching uses) even when all tokens share it; off: a python int, the fast path.
         self.per_token_depth = False
+        # Early-exit training: when a list, the hidden state after every loop (CYCLE order) is appended.
+        self.loop_outputs: list[torch.Tensor] | None = None
+        self._loop_ends = {p.position for p in positions if p.shared == len(shared) - 1}
         self._calls = [_PositionCall(self, p) for p in positions]
         self._depth_modules = [[m for m in layer.modules() if isinstance(m, (RelaxedLoRALinear, PerDepth))] for layer in shared]
         self._attention_modules = [[m for m in layer.modules() if hasattr(m, "layer_idx")] for layer in shared]
@@ -88,8 +91,12 @@ class UnrolledLayers(nn.Module):
             return out[0] if isinstance(out, tuple) else out
 
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(step, hidden_states, use_reentrant=False)
-        return step(hidden_states)
+            out = checkpoint(step, hidden_states, use_reentrant=False)
+        else:
+            out = step(hidden_states)
+        if self.loop_outputs is not None and position.position in self._loop_ends:
+            self.loop_outputs.append(out)
+        return out
 
 
 def _relax_layer(layer: nn.Module, config: RecursiveConfig) -> None:

@@ -1,0 +1,98 @@
+"""Early exit after every loop: exit logits, loss weighting schedules, and post-training.
+
+The exit after loop b applies the model's own final norm and LM head (shared by every exit) to the
+hidden state at the end of loop b. CYCLE sharing only: SEQUENCE repeats each layer B times in a row,
+so no point before the last layer has run the whole block.
+
+Loss (the paper's early-exit post-training): sum_b w_b CE(exit_b) / sum_b w_b, plus
+self-distillation of every intermediate exit from the detached final exit, KL(final || exit_b).
+Schedules for w: "aggressive" = 0.1 on intermediate exits, 1.0 on the last (the paper's choice);
+"uniform" = 1 everywhere; "final" = the last exit only (plain uptraining).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from rrt_ray.models.lora import RelaxedLoRALinear
+from rrt_ray.models.per_depth import PerDepth
+from rrt_ray.models.recursive import RecursiveForCausalLM
+
+EXIT_SCHEDULES: dict[str, Callable[[int], list[float]]] = {
+    "aggressive": lambda loops: [0.1] * (loops - 1) + [1.0],
+    "uniform": lambda loops: [1.0] * loops,
+    "final": lambda loops: [0.0] * (loops - 1) + [1.0],
+}
+
+
+def exit_weights(schedule: str, loops: int) -> list[float]:
+    if schedule not in EXIT_SCHEDULES:
+        raise ValueError(f"unknown early-exit schedule {schedule!r}; allowed: {', '.join(EXIT_SCHEDULES)}")
+    return EXIT_SCHEDULES[schedule](loops)
+
+
+def final_norm(model: RecursiveForCausalLM) -> torch.nn.Module:
+    inner = model.backbone.base_model
+    norm = getattr(inner, "norm", None) or getattr(inner, "final_layer_norm", None)
+    if norm is None:
+        raise ValueError(f"{model.config.text_config.model_type}: no final norm found for the exit heads")
+    return norm
+
+
+def loop_exit_logits(model: RecursiveForCausalLM, input_ids: torch.Tensor, **kwargs) -> list[torch.Tensor]:
+    """Logits (B, L, V) of the exit after each loop, shallowest first; the last equals model(...).logits."""
+    if model.config.sharing != "cycle":
+        raise ValueError(f"early exit needs sharing='cycle' (loops end between blocks), got {model.config.sharing!r}")
+    layers = model.unrolled_layers
+    layers.loop_outputs = []
+    try:
+        model.backbone.base_model(input_ids=input_ids, **kwargs)
+        hidden = layers.loop_outputs
+    finally:
+        layers.loop_outputs = None
+    norm, head = final_norm(model), model.get_output_embeddings()
+    return [head(norm(h)) for h in hidden]
+
+
+def early_exit_loss(
+    exit_logits: list[torch.Tensor],  # [(B, L, V)] per loop, shallowest first
+    labels: torch.Tensor,  # (B, L) next-token targets, -100 ignored
+    schedule: str = "aggressive",
+    distill_weight: float = 1.0,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted CE over exits + self-distillation from the detached final exit. Returns (loss, per-exit CE)."""
+    weights = exit_weights(schedule, len(exit_logits))
+    ces = [F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100) for logits in exit_logits]
+    loss = sum(w * ce for w, ce in zip(weights, ces)) / sum(weights)
+    if distill_weight > 0 and len(exit_logits) > 1:
+        mask = (labels != -100).flatten()
+        target = F.log_softmax(exit_logits[-1].detach().flatten(0, 1)[mask].float() / temperature, dim=-1)
+        kd = 0.0
+        for logits in exit_logits[:-1]:
+            student = F.log_softmax(logits.flatten(0, 1)[mask].float() / temperature, dim=-1)
+            kd = kd + F.kl_div(student, target, log_target=True, reduction="batchmean") * temperature**2
+        loss = loss + distill_weight * kd / (len(exit_logits) - 1)
+    return loss, {f"exit{b + 1}_ce": ce.item() for b, ce in enumerate(ces)}
+
+
+def freeze_backbone(model: RecursiveForCausalLM) -> list[str]:
+    """Early-exit post-training: freeze shared weights, embeddings and head; train LoRA and per-depth
+    norms and biases, the parts that differ between loops. Returns the trainable parameter names."""
+    trainable = []
+    for name, param in model.named_parameters():
+        module = model.get_submodule(name.rpartition(".")[0])
+        per_depth = (
+            isinstance(module, PerDepth)
+            or name.endswith(("lora_a", "lora_b"))
+            or (isinstance(module, RelaxedLoRALinear) and name.endswith("bias") and param.dim() == 2)
+        )
+        param.requires_grad_(per_depth)
+        if per_depth:
+            trainable.append(name)
+    if not trainable:
+        raise ValueError("nothing left to train with a frozen backbone: convert with --lora-rank > 0 or per-depth norms")
+    return trainable
