@@ -1,0 +1,470 @@
+"""The serving engine: continuous batching, early exit and continuous depth-wise batching (plain Python).
+
+Notable features:
+- Iteration-level scheduling: requests join and leave at every step; prompts are prefilled in chunks
+  under a per-step token budget, next to the decode tokens of other requests.
+- One step runs ONE LOOP of the shared block over every token in flight. For a recursive model with
+  B loops (CYCLE sharing) a token needs up to B steps; tokens at different depths share each layer call,
+  each with its own depth's LoRA and norms (per-token depth tensor -> `rrt_ray.kernels.multi_lora`):
+
+      step s:    req A tok 7 @ loop 2 | req B tok 3 @ loop 1 | req C prompt[0:40] @ loop 1 | req D tok 5 @ loop 1
+      step s+1:  req A tok 8 @ loop 1 | req B tok 3 @ loop 2 | req C prompt[0:40] @ loop 2 | req D tok 6 @ loop 1
+                 (A's token 7 and D's token 5 exited; their slots were refilled at once by their next tokens)
+
+- Early exit after every loop: exit head = the final norm + the shared LM head on the hidden state after
+  that loop; a token exits when max softmax prob >= its request's exit_threshold (1.0: never early,
+  0.0: always after loop 1) or when it has run the request's max_loops.
+- Keys/values an exited token leaves missing at deeper loops are FILLED so that later tokens at those
+  loops have something to attend to. Default "propagate" (CALM, Schuster et al. 2022): the exited hidden
+  state is copied up to every skipped position and run through that position's own pre-attention norm and
+  k/v projections (with that depth's LoRA) and rotary. It is the exact computation a full-depth forward would
+  do if the exited token's state stopped changing, and it costs only the k/v (and q/o) projections of the
+  skipped positions. Option "share": copy the exit loop's keys/values into the deeper loops' slots (no
+  compute; the keys then come from a shallower layer's projections, which the model was not trained on
+  unless trained for KV sharing).
+- Plain Hugging Face models run through the same engine (one "loop" of all N layers, no exit), so both
+  sides of a comparison share the scheduler, the cache and the attention.
+- Everything in a layer except attention over the cache is the HF layer's own code; the attention is
+  `rrt_ray.serve.kv_cache.engine_attention` (SDPA over a KV pool with one slot per unrolled position).
+
+The engine is not thread-safe: one thread calls add_request / abort / step (rrt_ray.serve.app does so).
+"""
+
+from __future__ import annotations
+
+import itertools
+import numbers
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from rrt_ray.serve.kv_cache import KVPool, Span, StepBatch
+from rrt_ray.serve.runner import ModelRunner
+from rrt_ray.serve.sampling import SamplingParams, make_generator, sample_token
+
+KV_FILL_MODES: tuple[str, ...] = ("propagate", "share")
+
+
+@dataclass
+class EngineConfig:
+    """Scheduler limits.
+
+    max_num_seqs: requests holding a KV row at once (running); the rest wait in the queue.
+    max_batch_tokens: soft budget of tokens in flight per step; prompt chunks fill what decode tokens
+        leave (decode tokens always run, so a step can exceed it by at most max_num_seqs).
+    max_model_len: prompt + max_tokens of one request; None: the model's max_position_embeddings.
+    kv_fill: how an early-exited token's missing deeper keys/values are filled: "propagate" or "share".
+    """
+
+    max_num_seqs: int = 16
+    max_batch_tokens: int = 256
+    max_model_len: int | None = None
+    kv_fill: str = "propagate"
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.kv_fill not in KV_FILL_MODES:
+            raise ValueError(f"unknown kv_fill {self.kv_fill!r}; allowed: {', '.join(KV_FILL_MODES)}")
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: the new part and everything so far."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    token_ids: list[int]
+    exit_loops: list[int]  # loops run by each generated token (1 .. B)
+    logprobs: list[float]  # log p(token) under the exit head's distribution (temperature 1)
+    argmax_ids: list[int]  # the exit head's most probable token at each step (= token_ids when greedy)
+    text: str
+    num_prompt_tokens: int
+    finished: bool
+    finish_reason: str | None  # "stop", "length", "abort"
+
+
+@dataclass
+class RequestState:
+    """A request inside the engine (what exit policies see)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop_limit: int  # loops its tokens may run: min(B, params.max_loops)
+    teacher_ids: list[int] | None = None  # scoring: feed these instead of sampling
+    seq: int = -1  # KV pool row while running
+    prefilled: int = 0  # prompt tokens already put in flight
+    output_ids: list[int] = field(default_factory=list)
+    exit_loops: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    argmax_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted_text: int = 0
+    emitted_tokens: int = 0
+    finish_reason: str | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    generator: torch.Generator | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclass
+class _Unit:
+    """Tokens of one request at one loop depth, in flight: a prompt chunk or one decode token."""
+
+    request: RequestState
+    start: int  # token position of the first row
+    token_ids: torch.Tensor  # (n,)
+    hidden: torch.Tensor | None = None  # (n, d) after `loops_done` loops; None before loop 1
+    loops_done: int = 0
+    emits: bool = False  # its last row predicts the request's next token
+
+    def __len__(self) -> int:
+        return self.token_ids.shape[0]
+
+
+class ExitPolicy:
+    """The early-exit rule: after each loop, does a token (the request's next prediction) exit?
+
+    Subclass to force exits (tests, oracle studies); the engine itself exits a token at loop_limit.
+    """
+
+    def needs_confidence(self, request: RequestState, loops_done: int) -> bool:
+        return request.params.exit_threshold < 1.0
+
+    def should_exit(self, request: RequestState, loops_done: int, confidence: float) -> bool:
+        threshold = request.params.exit_threshold
+        return threshold < 1.0 and confidence >= threshold
+
+
+class Engine:
+    """Continuous batching with early exit and depth-wise batching; see the module docstring.
+
+        engine = Engine(model, tokenizer)
+        engine.add_request("r1", prompt_ids, SamplingParams(max_tokens=32, exit_threshold=0.8))
+        while engine.has_unfinished():
+            for out in engine.step(): ...
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer=None,
+        config: EngineConfig | None = None,
+        exit_policy: ExitPolicy | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(model.eval())
+        self.exit_policy = exit_policy or ExitPolicy()
+        max_positions = getattr(self.runner.text_config, "max_position_embeddings", None)
+        self.max_model_len = self.config.max_model_len or max_positions or 2048
+        self.pool = KVPool(self.runner.num_slots, self.config.max_num_seqs, self.max_model_len)
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.waiting: deque[RequestState] = deque()
+        self.running: dict[str, RequestState] = {}
+        self._inflight: list[_Unit] = []
+        self._ids = itertools.count()
+        self._finished_outputs: list[RequestOutput] = []
+        # Counters the server exports (read-only outside).
+        self.stats = dict.fromkeys(("steps", "generated_tokens", "prompt_tokens", "rows", "filled_rows", "mixed_depth_steps"), 0)
+        self.exit_loop_counts = [0] * (self.num_loops + 1)  # index = loops run
+
+    @property
+    def num_loops(self) -> int:
+        """Exit points per token: B for a cycle recursive model, 1 otherwise."""
+        return self.runner.num_loops
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        teacher_ids: Sequence[int] | None = None,
+    ) -> str:
+        """Queue a request; returns its id. teacher_ids: score these tokens (teacher forcing) instead of sampling."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.running or any(r.request_id == request_id for r in self.waiting):
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        if teacher_ids is not None:
+            teacher_ids = self._check_ids(teacher_ids, "teacher ids")
+            fields = {**params.__dict__, "max_tokens": len(teacher_ids), "stop": (), "stop_token_ids": (), "ignore_eos": True}
+            params = SamplingParams(**fields)
+        prompt = self.check_request(prompt_ids, params)
+        loop_limit = min(self.num_loops, params.max_loops or self.num_loops)
+        self.waiting.append(RequestState(
+            request_id, prompt, params, loop_limit, teacher_ids=teacher_ids,
+            generator=None if params.greedy else make_generator(params.seed),
+        ))
+        return request_id
+
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
+        """Raise ValueError naming what is wrong with a request; reads only fixed settings (any thread)."""
+        prompt = self._check_ids(prompt_ids, "the prompt")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the engine's "
+                f"max_model_len {self.max_model_len}"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; pass one to the Engine or use stop_token_ids")
+        if params.max_loops is not None and params.max_loops > self.num_loops:
+            raise ValueError(f"max_loops must be in 1..{self.num_loops} for this model, got {params.max_loops}")
+        return prompt
+
+    def _check_ids(self, ids: Sequence[int], what: str) -> list[int]:
+        vocab = self.runner.embed.num_embeddings
+        if not ids:
+            raise ValueError(f"{what} is empty: at least one token is needed")
+        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"{what} must hold token ids in [0, {vocab})")
+        return [int(t) for t in ids]
+
+    def abort(self, request_id: str) -> None:
+        for request in list(self.waiting):
+            if request.request_id == request_id:
+                self.waiting.remove(request)
+                request.finish_reason = "abort"
+                self._finished_outputs.append(self._output(request))
+        if request_id in self.running:
+            self._finish(self.running[request_id], "abort")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self._finished_outputs)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_inflight_tokens(self) -> int:
+        return sum(len(u) for u in self._inflight)
+
+    # ------------------------------------------------------------------ the step
+
+    def _schedule(self) -> None:
+        """Continue prompts of running requests, then admit waiting ones, within the token budget."""
+        budget = self.config.max_batch_tokens - sum(len(u) for u in self._inflight)
+        for request in self.running.values():
+            budget -= self._add_prompt_chunk(request, budget)
+        while self.waiting and self.pool.num_free and budget > 0:
+            request = self.waiting.popleft()
+            request.seq = self.pool.allocate()
+            self.running[request.request_id] = request
+            budget -= self._add_prompt_chunk(request, budget)
+
+    def _add_prompt_chunk(self, request: RequestState, budget: int) -> int:
+        remaining = len(request.prompt_ids) - request.prefilled
+        n = min(remaining, budget)
+        if n <= 0:
+            return 0
+        start = request.prefilled
+        ids = torch.tensor(request.prompt_ids[start : start + n])
+        self._inflight.append(_Unit(request, start, ids, emits=start + n == len(request.prompt_ids)))
+        request.prefilled += n
+        self.stats["prompt_tokens"] += n
+        return n
+
+    def _make_batch(self, units: list[_Unit], loops: list[int], fill_only: bool = False) -> StepBatch:
+        seqs, pos, loop_rows, spans, row = [], [], [], [], 0
+        for unit, loop in zip(units, loops):
+            n = len(unit)
+            seqs.append(torch.full((n,), unit.request.seq))
+            pos.append(torch.arange(unit.start, unit.start + n))
+            loop_rows.append(torch.full((n,), loop))
+            spans.append(Span((row, row + n), unit.request.seq, unit.start, loop))
+            row += n
+        return StepBatch(
+            self.pool, torch.cat(seqs), torch.cat(pos), torch.cat(loop_rows),
+            self.runner.slot_table, spans, fill_only=fill_only,
+        )
+
+    @torch.no_grad()  # not inference_mode: multi_lora caches checks by tensor version
+    def step(self) -> list[RequestOutput]:
+        """Run one loop of the block over every token in flight; exit, sample, refill. Returns updates."""
+        outputs, self._finished_outputs = self._finished_outputs, []
+        self._schedule()
+        if not self._inflight:
+            return outputs
+        units = self._inflight
+        new = [u for u in units if u.hidden is None]
+        if new:  # embed all tokens entering loop 1 in one call
+            embedded = self.runner.embed(torch.cat([u.token_ids for u in new]))
+            offset = 0
+            for u in new:
+                u.hidden, offset = embedded[offset : offset + len(u)], offset + len(u)
+        batch = self._make_batch(units, [u.loops_done for u in units])
+        hidden = self.runner.run_loop(torch.cat([u.hidden for u in units]), batch)  # (T, d)
+        self.stats["steps"] += 1
+        self.stats["rows"] += hidden.shape[0]
+        self.stats["mixed_depth_steps"] += int(len({u.loops_done for u in units}) > 1)
+        offset = 0
+        for u in units:
+            u.hidden, offset = hidden[offset : offset + len(u)], offset + len(u)
+            u.loops_done += 1
+
+        exited = self._decide_exits([u for u in units if u.emits])
+        touched: dict[str, RequestState] = {}
+        for unit, logits, logprobs in exited:
+            self._accept_token(unit.request, logits, logprobs, unit.loops_done)
+        self._fill_skipped([u for u, _, _ in exited if u.request.finish_reason is None])
+        for unit, _, _ in exited:
+            request = unit.request
+            touched[request.request_id] = request
+            unit.emits = False
+            if len(unit) > 1:  # the rest of a prompt chunk still needs its deeper loops
+                unit.token_ids, unit.hidden = unit.token_ids[:-1], unit.hidden[:-1]
+            else:
+                unit.loops_done = request.loop_limit  # done: dropped below
+        self._inflight = [u for u in units if u.loops_done < u.request.loop_limit and u.request.finish_reason is None]
+        for request in touched.values():
+            if request.finish_reason is None:  # refill at once: the next token enters loop 1 next step
+                position = request.num_tokens - 1
+                last = request.output_ids[-1]
+                self._inflight.append(_Unit(request, position, torch.tensor([last]), emits=True))
+            outputs.append(self._output(request))
+        return outputs
+
+    def _decide_exits(self, candidates: list[_Unit]) -> list[tuple[_Unit, torch.Tensor, torch.Tensor]]:
+        """Which emitting units exit after this loop, with their exit-head logits and log-probs (V,)."""
+        scored = [
+            u for u in candidates
+            if u.loops_done >= u.request.loop_limit or self.exit_policy.needs_confidence(u.request, u.loops_done)
+        ]
+        if not scored:
+            return []
+        logits = self.runner.exit_logits(torch.stack([u.hidden[-1] for u in scored]))  # (U, V)
+        logprobs = torch.log_softmax(logits, dim=-1)  # (U, V)
+        confidence = logprobs.amax(dim=-1).exp().tolist()  # max softmax probability
+        exited = []
+        for i, (u, conf) in enumerate(zip(scored, confidence)):
+            if u.loops_done >= u.request.loop_limit or self.exit_policy.should_exit(u.request, u.loops_done, conf):
+                exited.append((u, logits[i], logprobs[i]))
+        return exited
+
+    def _fill_skipped(self, exited: list[_Unit]) -> None:
+        """Keys/values of the loops an exited token skipped (up to its request's loop limit)."""
+        rows = [(u, loop) for u in exited for loop in range(u.loops_done, u.request.loop_limit)]
+        if not rows:
+            return
+        self.stats["filled_rows"] += len(rows)
+        seqs = torch.tensor([u.request.seq for u, _ in rows])
+        pos = torch.tensor([u.start + len(u) - 1 for u, _ in rows])
+        loops = torch.tensor([loop for _, loop in rows])
+        if self.config.kv_fill == "share":
+            exit_loops = torch.tensor([u.loops_done - 1 for u, _ in rows])
+            for c in range(self.runner.num_columns):
+                table = self.runner.slot_table[:, c]
+                self.pool.copy(table[exit_loops], table[loops], seqs, pos)
+            return
+        batch = StepBatch(self.pool, seqs, pos, loops, self.runner.slot_table, fill_only=True)
+        self.runner.fill_propagate(torch.stack([u.hidden[-1] for u, _ in rows]), batch)
+
+    def _accept_token(self, request: RequestState, logits: torch.Tensor, logprobs: torch.Tensor, loops_run: int) -> None:
+        if request.teacher_ids is not None:
+            token = request.teacher_ids[len(request.output_ids)]
+        else:
+            token = sample_token(logits, request.params, request.generator)
+        request.output_ids.append(token)
+        request.exit_loops.append(loops_run)
+        request.logprobs.append(float(logprobs[token]))
+        greedy_sampled = request.params.greedy and request.teacher_ids is None
+        request.argmax_ids.append(token if greedy_sampled else int(torch.argmax(logits)))
+        self.stats["generated_tokens"] += 1
+        self.exit_loop_counts[loops_run] += 1
+        params = request.params
+        if not params.ignore_eos and token in self.eos_token_ids or token in params.stop_token_ids:
+            self._update_text(request)
+            self._finish(request, "stop")
+        elif self._update_text(request):
+            self._finish(request, "stop")
+        elif len(request.output_ids) >= params.max_tokens:
+            self._finish(request, "length")
+
+    def _update_text(self, request: RequestState) -> bool:
+        """Detokenize; cut at the first stop string. Returns True when a stop string was found."""
+        if self.tokenizer is None:
+            return False
+        text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
+        stops = request.params.stop
+        if stops:
+            # only the tail can hold a new match: text before it was searched last time
+            search_from = max(0, len(request.text) - max(len(s) for s in stops))
+            hits = [i for s in stops if (i := text.find(s, search_from)) >= 0]
+            if hits:
+                request.text = text[: min(hits)]
+                return True
+        request.text = text
+        return False
+
+    def _finish(self, request: RequestState, reason: str) -> None:
+        request.finish_reason = reason
+        self.running.pop(request.request_id, None)
+        self._inflight = [u for u in self._inflight if u.request is not request]
+        if request.seq >= 0:
+            self.pool.release(request.seq)
+            request.seq = -1
+        if reason == "abort":
+            self._finished_outputs.append(self._output(request))
+
+    def _output(self, request: RequestState) -> RequestOutput:
+        """The update for one request since its last output; text held back while it may still change."""
+        finished = request.finish_reason is not None
+        text = request.text
+        safe = len(text)
+        if not finished:
+            if request.params.stop:  # a stop string may still complete over the held-back tail
+                safe -= max(len(s) for s in request.params.stop) - 1
+            while safe > 0 and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence
+                safe -= 1
+        safe = max(safe, request.emitted_text)
+        new_text = text[request.emitted_text : safe]
+        request.emitted_text = safe
+        new_tokens = request.output_ids[request.emitted_tokens :]
+        request.emitted_tokens = len(request.output_ids)
+        return RequestOutput(
+            request.request_id, new_tokens, new_text, list(request.output_ids), list(request.exit_loops),
+            list(request.logprobs), list(request.argmax_ids), text, len(request.prompt_ids), finished, request.finish_reason,
+        )
+
+    # ------------------------------------------------------------------ convenience
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        on_step: Callable[[list[RequestOutput]], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion (all queued at once); returns the final output of each, in order."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            outs = self.step()
+            if on_step is not None:
+                on_step(outs)
+            for out in outs:
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]

@@ -1,0 +1,163 @@
+"""The engine's KV cache and the attention function it runs inside the Hugging Face decoder layers.
+
+The engine calls the original HF decoder layers on one packed row of tokens (1, T, d) that mixes
+requests, prompt chunks and decode tokens, and, for a recursive model, loop depths. Everything in a
+layer except the attention over the cache is the HF code (norms, q/k/v/o projections, rotary, MLP);
+the attention itself is this module's `engine_attention`, registered with transformers'
+`AttentionInterface` as "rrt_engine". Each row says where its keys/values live through a `StepBatch`
+passed as a layer keyword (`rrt_batch`); without one the function is plain SDPA, so `generate()`
+on the same model still works.
+
+KV layout, one slot per unrolled position (a loop never overwrites another loop's keys):
+
+    keys, values: (num_slots, max_seqs, H_kv, max_len, head_dim)      slot = unrolled position l
+
+A request owns one `seq` row for its lifetime; token p of it at position l lives at [l, seq, :, p].
+Writes are by position, so prompt chunks and early-exit fills may arrive in any order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTN_IMPLEMENTATION = "rrt_engine"
+
+
+class KVPool:
+    """Preallocated keys/values for every (unrolled position, request row, token position)."""
+
+    def __init__(self, num_slots: int, max_seqs: int, max_len: int) -> None:
+        self.num_slots, self.max_seqs, self.max_len = num_slots, max_seqs, max_len
+        self.keys: torch.Tensor | None = None  # allocated on the first write, when H_kv and head_dim are known
+        self.values: torch.Tensor | None = None
+        self._free = list(range(max_seqs - 1, -1, -1))
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError("KV pool is full")  # the scheduler checks num_free first
+        return self._free.pop()
+
+    def release(self, seq: int) -> None:
+        self._free.append(seq)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
+
+    def write(self, slots: torch.Tensor, seqs: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: (T, H_kv, hd); slots, seqs, pos: (T,)."""
+        if self.keys is None:
+            shape = (self.num_slots, self.max_seqs, k.shape[1], self.max_len, k.shape[2])
+            self.keys = torch.zeros(shape, dtype=k.dtype, device=k.device)  # lazily touched pages on CPU
+            self.values = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        self.keys[slots, seqs, :, pos] = k
+        self.values[slots, seqs, :, pos] = v
+
+    def copy(self, src_slots: torch.Tensor, dst_slots: torch.Tensor, seqs: torch.Tensor, pos: torch.Tensor) -> None:
+        """KV sharing: position pos of dst slot takes the keys/values of the src slot."""
+        self.keys[dst_slots, seqs, :, pos] = self.keys[src_slots, seqs, :, pos]
+        self.values[dst_slots, seqs, :, pos] = self.values[src_slots, seqs, :, pos]
+
+
+@dataclass
+class Span:
+    """Consecutive rows of one request at one loop depth: a prompt chunk or a single decode token."""
+
+    rows: tuple[int, int]  # [start, end) in the packed batch
+    seq: int
+    start: int  # token position of the first row
+    loop: int
+
+
+@dataclass
+class StepBatch:
+    """Where every row of one packed forward pass reads and writes its keys and values.
+
+    slot_table[loop, column] is the unrolled position (cache slot) that layer call `column` runs for
+    a row at loop `loop`: for a cycle recursive model loop * K + column, for a plain model the column.
+    """
+
+    pool: KVPool
+    seqs: torch.Tensor  # (T,) request rows
+    pos: torch.Tensor  # (T,) token positions
+    loops: torch.Tensor  # (T,) loop index of each row
+    slot_table: torch.Tensor  # (E, C)
+    spans: list[Span] = field(default_factory=list)  # every row in exactly one span (unless fill_only)
+    fill_only: bool = False  # write keys/values only (early-exit fill), no attention
+    column: int = 0  # set by the engine before each layer call
+
+    def __post_init__(self) -> None:
+        self._slot_rows = self.slot_table.tolist()  # python ints for the per-span loop
+
+    def slots(self) -> torch.Tensor:
+        return self.slot_table[self.loops, self.column]
+
+    def span_slot(self, span: Span) -> int:
+        return self._slot_rows[span.loop][self.column]
+
+
+def _span_mask(start: int, n: int, sliding_window: int | None) -> torch.Tensor | None:
+    """(n, start + n) bool: query i (position start + i) sees keys j <= start + i, inside the window."""
+    if n == 1 and (sliding_window is None or start < sliding_window):
+        return None  # a single query at the end sees every cached key
+    q = torch.arange(start, start + n)[:, None]  # (n, 1)
+    k = torch.arange(start + n)[None, :]  # (1, L)
+    mask = k <= q
+    if sliding_window is not None:
+        mask &= k > q - sliding_window  # HF's sliding_window_overlay
+    return mask
+
+
+def engine_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # (1, H, T, hd), rotary applied
+    key: torch.Tensor,  # (1, H_kv, T, hd)
+    value: torch.Tensor,  # (1, H_kv, T, hd)
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    rrt_batch: StepBatch | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Write this call's keys/values into the pool, then attend each span to its own request's cache.
+
+    Each span attends to a VIEW of its cache slot (no gather): on these CPUs a loop of per-span SDPA
+    calls beat gathering padded (G, H_kv, L, hd) batches, 0.52 vs 0.94 ms for 16 decode rows with
+    contexts of 30-256 tokens, because the gather is a memory-bound copy and the loop needs no padding.
+    """
+    if rrt_batch is None:  # an ordinary HF forward (generate) on a model the engine has set up
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError("the rrt engine's attention does not implement attention soft-capping or sinks")
+    batch = rrt_batch
+    window = kwargs.get("sliding_window")
+    batch.pool.write(batch.slots(), batch.seqs, batch.pos, key[0].transpose(0, 1), value[0].transpose(0, 1))
+    out = query.new_zeros(query.shape[2], query.shape[1], query.shape[3])  # (T, H, hd)
+    if batch.fill_only:
+        return out.unsqueeze(0), None
+    q = query[0]  # (H, T, hd)
+    keys_pool, values_pool = batch.pool.keys, batch.pool.values
+    for span in batch.spans:
+        r0, r1 = span.rows
+        slot, end = batch.span_slot(span), span.start + (r1 - r0)
+        o = F.scaled_dot_product_attention(
+            q[:, r0:r1].unsqueeze(0),  # (1, H, n, hd)
+            keys_pool[slot, span.seq, :, :end].unsqueeze(0),  # (1, H_kv, end, hd): a view of the cache
+            values_pool[slot, span.seq, :, :end].unsqueeze(0),
+            attn_mask=_span_mask(span.start, r1 - r0, window), scale=scaling, enable_gqa=True,
+        )  # (1, H, n, hd)
+        out[r0:r1] = o[0].transpose(0, 1)
+    return out.unsqueeze(0), None  # (1, T, H, hd), as HF attention functions return
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, engine_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)  # generate() builds SDPA masks for it

@@ -1,0 +1,138 @@
+"""The OpenAI completions wire format: request models (strictly typed), response bodies, error bodies.
+
+Requests are validated strictly (a string where a number belongs is a 400, never coerced) and
+unknown fields are ignored, as the OpenAI API does for clients that send newer fields.
+
+rrt extensions (send them in the body, e.g. `extra_body=` with the openai client):
+    exit_threshold  early-exit confidence threshold in [0, 1] (1 = never exit early)
+    max_loops       loops a generated token may run at most
+and every choice carries `exit_loops`: the loops each generated token ran.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+    presence_penalty: Literal[0, 0.0] = 0.0
+    frequency_penalty: Literal[0, 0.0] = 0.0
+    user: str | None = None
+    exit_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    max_loops: int | None = Field(None, ge=1)
+
+    def stop_list(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop: at most 4 non-empty strings")
+        return tuple(stops)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Prompt
+    max_tokens: int = Field(16, ge=1)
+    echo: Literal[False] = False
+    logprobs: None = None
+    suffix: None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per choice: a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise ValueError("prompt: must not be empty")
+        if isinstance(p[0], int):
+            return [p]
+        return list(p)
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: Literal[False] | None = None
+
+    def token_budget(self, default: int) -> int:
+        return self.max_completion_tokens or self.max_tokens or default
+
+
+class APIError(Exception):
+    """An error the client caused or must handle: an HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+_UNION_FIELDS = {
+    "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "stop": "must be a string or a list of strings",
+}
+
+
+def validation_error(err: ValidationError) -> APIError:
+    """The first problem pydantic found, as a 400 that names the parameter."""
+    first = err.errors()[0]
+    loc = first["loc"]
+    if loc and loc[0] in _UNION_FIELDS and first["type"] != "missing":  # loc names the union member tried last
+        return APIError(400, f"{loc[0]}: {_UNION_FIELDS[loc[0]]}", param=str(loc[0]))
+    param = ".".join(str(part) for part in loc) or None
+    message = f"{param}: {first['msg']}" if param else first["msg"]
+    if first["type"] in ("literal_error", "none_required") and param in ("n", "echo", "logprobs", "suffix", "presence_penalty", "frequency_penalty"):
+        message = f"{param}: only the default value is supported by this server ({first['msg']})"
+    return APIError(400, message, param=param)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(request_id: str, model: str, choices: list[dict], usage_: dict | None, chat: bool, chunk: bool = False) -> dict:
+    kind = ("chat.completion" if chat else "text_completion") + (".chunk" if chunk and chat else "")
+    body = {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
+    if usage_ is not None or not chunk:
+        body["usage"] = usage_
+    return body
+
+
+def choice(index: int, text: str, finish_reason: str | None, exit_loops: list[int], chat: bool, delta: bool = False) -> dict:
+    if not chat:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason, "exit_loops": exit_loops}
+    key = "delta" if delta else "message"
+    content = {"content": text} if delta else {"role": "assistant", "content": text}
+    return {"index": index, key: content, "logprobs": None, "finish_reason": finish_reason, "exit_loops": exit_loops}

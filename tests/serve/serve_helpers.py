@@ -1,0 +1,92 @@
+"""Helpers shared by the serving tests: model loading, prompts, a forced exit rule, a word-level tokenizer."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import rrt_ray  # noqa: F401
+from rrt_ray.serve.engine import ExitPolicy, RequestState
+from rrt_ray.testing import VOCAB
+
+
+def load(path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def random_prompts(lengths, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+
+
+class ScheduledExit(ExitPolicy):
+    """Forces generated token i of request r to exit after schedule[r][i] loops (an oracle exit rule)."""
+
+    def __init__(self, schedule: dict[str, list[int]]) -> None:
+        self.schedule = schedule
+
+    def needs_confidence(self, request: RequestState, loops_done: int) -> bool:
+        return True
+
+    def should_exit(self, request: RequestState, loops_done: int, confidence: float) -> bool:
+        return loops_done >= self.schedule[request.request_id][len(request.output_ids)]
+
+
+def word_tokenizer():
+    """A word-level tokenizer over the tiny vocabulary: token i <-> "w{i}" (ids 0, 1, 2 are pad, bos, eos)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant{% endif %}"
+
+
+def save_word_tokenizer(directory, chat: bool = True) -> None:
+    """Save the word tokenizer (optionally with a chat template over its words) next to a model."""
+    tokenizer = word_tokenizer()
+    vocab = tokenizer.get_vocab()
+    for word in ("system", "user", "assistant", "developer"):
+        assert word not in vocab  # template words become <pad>: harmless for random models
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+
+
+def wait_healthy(url: str, timeout_s: float = 180.0) -> None:
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/healthz did not answer in {timeout_s} s")
+
+
+def parse_sse(response) -> list:
+    """The JSON events of a server-sent-events response, up to (not including) [DONE]; asserts [DONE] came."""
+    import json
+
+    events, done = [], False
+    for line in response.iter_lines(decode_unicode=True):
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        data = line[len("data: "):]
+        if data == "[DONE]":
+            done = True
+            break
+        events.append(json.loads(data))
+    assert done, "stream ended without [DONE]"
+    return events
