@@ -2,9 +2,10 @@
 
 For low ranks a randomized SVD (Halko, Martinsson & Tropp 2011, with oversampling and power
 iterations) costs O(m n (r + p)) instead of the O(m n min(m, n)) of a full SVD. Its reconstruction
-error on TinyLlama-shaped residuals at rank 64 is within 0.1% of the full SVD's (jobs/bench_convert.py,
-results/bench_convert.md); above a quarter of the full rank the full SVD is used (exact, and then
-not much dearer).
+error on TinyLlama-shaped random residuals at rank 64 is within 0.4% of the full SVD's optimum (a flat
+spectrum, the worst case; decaying spectra do better: see tests/convert/test_svd.py), measured by
+jobs/bench_convert.py (results/bench_convert.md). At or above a quarter of the full rank the full SVD
+is used: exact, and then not much dearer.
 
 It is written with matmuls plus LAPACK calls on (q, q) matrices only, not `torch.svd_lowrank`: that
 one calls QR and SVD on (m, q) and (q, n) panels, and MKL's threaded QR slowed down 100x (0.36 s per
