@@ -28,7 +28,9 @@ class PerDepth(nn.Module):
         self.param_names = [name for name, _ in module.named_parameters()]
         for name in self.param_names:
             param = module._parameters.pop(name)
-            setattr(module, name, None)  # a placeholder that functional_call overwrites per call
+            # A placeholder that functional_call overwrites per call: shaped like the original (the norm's
+            # repr reads weight.shape; DeepSpeed ZeRO-3 prints the model), on the meta device (no memory).
+            setattr(module, name, torch.empty(param.shape, dtype=param.dtype, device="meta"))
             stacked = param.detach().unsqueeze(0).expand(num_depths, *param.shape).clone()  # (B, *shape)
             self.register_parameter(name, nn.Parameter(stacked, requires_grad=param.requires_grad))
         self.inner = module
