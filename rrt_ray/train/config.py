@@ -1,0 +1,356 @@
+"""The training configuration: one typed dataclass tree, the single source of truth.
+
+YAML files under `jobs/configs/` and dotted command-line overrides (`optim.lr=3e-4`, `zero.stage=3`)
+both go through `TrainConfig.from_dict`, which rejects unknown keys with the list of valid ones and
+coerces strings to the annotated field types. Every section validates itself in `__post_init__`,
+raising `ValueError` that names the bad value and what is allowed. Across the Ray boundary the config
+travels as `to_dict()` and is rebuilt with `TrainConfig.from_dict` inside each worker.
+
+Sections:
+    model  what to train (a converted model dir, or the teacher to convert) and the KD teacher
+    data   corpus, sequence length, micro-batch size, held-out evaluation
+    optim  AdamW, schedule (warmup + cosine or WSD), clipping, accumulation, steps
+    kd     distillation loss from the frozen teacher's logits
+    zero   DeepSpeed ZeRO stage and precision
+    run    Ray: name, checkpoint storage, export destination, workers, failures, cadences
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEDULES = ("cosine", "wsd", "constant")
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+ZERO_STAGES = (1, 2, 3)
+PRECISIONS = ("fp32", "bf16")
+SHARINGS = ("cycle", "sequence")
+INITS = ("stepwise", "average", "lower")
+LORA_INITS = ("svd", "zero")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class ModelConfig:
+    """What to train.
+
+    student: a converted (rrt_recursive) model directory or s3:// URI to uptrain; empty: convert
+        `teacher` with the options below into `<run.workdir>/converted`.
+    teacher: the original Hugging Face model: the KD teacher and the conversion source. A directory
+        without config.json but with a "latest" marker (a published root) resolves to its latest entry.
+    loops, sharing, init, lora_rank, lora_init: conversion options (`rrt convert`); lora_rank is 0 (plain
+        recursive), a rank, or "full" (exact reproduction of the teacher at step 0).
+    gradient_checkpointing: recompute activations in the backward pass (memory for time).
+    """
+
+    student: str = ""
+    teacher: str = ""
+    loops: int = 2
+    sharing: str = "cycle"
+    init: str = "average"
+    lora_rank: int | str = 0
+    lora_init: str = "svd"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.loops >= 1, f"model.loops must be >= 1, got {self.loops}")
+        _require(self.sharing in SHARINGS, f"model.sharing {self.sharing!r} is not one of {', '.join(SHARINGS)}")
+        _require(self.init in INITS, f"model.init {self.init!r} is not one of {', '.join(INITS)}")
+        _require(self.lora_init in LORA_INITS, f"model.lora_init {self.lora_init!r} is not one of {', '.join(LORA_INITS)}")
+        _require(
+            self.lora_rank == "full" or (isinstance(self.lora_rank, int) and self.lora_rank >= 0),
+            f"model.lora_rank must be an integer >= 0 or 'full', got {self.lora_rank!r}",
+        )
+
+
+@dataclass
+class DataConfig:
+    """The corpus and how it is cut.
+
+    source: "default" (the embedded CPython-stdlib corpus), a local file or directory, an s3:// prefix,
+        or a hub dataset name. train_split / eval_split name the splits given to `load_texts`.
+    max_bytes: read at most this much text per split (None: all of it).
+    seq_len: tokens per packed sequence; micro_batch_size: sequences per worker per micro-step.
+    eval_batches: held-out micro-batches per worker for perplexity.
+    cache_dir: where tokenised corpora are cached by content (per node).
+    """
+
+    source: str = "default"
+    train_split: str = "train"
+    eval_split: str = "heldout"
+    max_bytes: int | None = None
+    seq_len: int = 256
+    micro_batch_size: int = 8
+    eval_batches: int = 4
+    cache_dir: str = ".cache/tokens"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.source), "data.source must not be empty (use 'default' for the embedded corpus)")
+        _require(self.max_bytes is None or self.max_bytes > 0, f"data.max_bytes must be > 0 or null, got {self.max_bytes}")
+        _require(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
+        _require(self.micro_batch_size >= 1, f"data.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        _require(self.eval_batches >= 0, f"data.eval_batches must be >= 0, got {self.eval_batches}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (client torch.optim.AdamW: no JIT-compiled op) and its schedule.
+
+    max_steps counts optimizer steps; each is grad_accum micro-batches on every worker.
+    schedule: "cosine" (linear warmup, cosine to min_lr_ratio * lr), "wsd" (warmup, stable, then linear
+        decay over the last decay_fraction of the steps), or "constant" (warmup then flat).
+    grad_clip: global gradient-norm clipping (0 disables).
+    """
+
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    warmup_steps: int = 10
+    decay_fraction: float = 0.2
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    max_steps: int = 100
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"optim.beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        _require(self.schedule in SCHEDULES, f"optim.schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(0 < self.decay_fraction <= 1, f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        _require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        _require(self.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+        _require(self.max_steps >= 1, f"optim.max_steps must be >= 1, got {self.max_steps}")
+
+
+@dataclass
+class KDConfig:
+    """Knowledge distillation from the frozen teacher's logits.
+
+    loss = (1 - weight) * CE(student, next token) + weight * temperature**2 * D(teacher || student)
+    with D one of forward_kl KL(p_t || p_s), reverse_kl KL(p_s || p_t), jsd (Jensen-Shannon).
+    weight 0 turns distillation off (the teacher is then not loaded).
+    """
+
+    weight: float = 0.5
+    loss: str = "forward_kl"
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.weight <= 1, f"kd.weight must be in [0, 1], got {self.weight}")
+        _require(self.loss in KD_LOSSES, f"kd.loss {self.loss!r} is not one of {', '.join(KD_LOSSES)}")
+        _require(self.temperature > 0, f"kd.temperature must be > 0, got {self.temperature}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed: ZeRO stage 1, 2 or 3 and the compute precision (fp32 or bf16; fp16 fails on CPU).
+
+    bucket_size: ZeRO-1/2 reduce and all-gather bucket, in elements.
+    """
+
+    stage: int = 2
+    precision: str = "fp32"
+    bucket_size: int = 50_000_000
+
+    def __post_init__(self) -> None:
+        _require(self.stage in ZERO_STAGES, f"zero.stage {self.stage} is not one of 1, 2, 3")
+        _require(self.precision in PRECISIONS, f"zero.precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        _require(self.bucket_size > 0, f"zero.bucket_size must be > 0, got {self.bucket_size}")
+
+
+@dataclass
+class RunOptions:
+    """The Ray side: where things go and how often.
+
+    name: the Ray Train run name; a rerun with the same name and storage resumes from its last checkpoint.
+    storage: root for Ray Train checkpoints: a local directory or s3://bucket/prefix.
+    output: root the exported Hugging Face directory is published under (local or s3://), as
+        `<output>/<name>` with a "latest" marker written after the upload is complete.
+    workdir: local scratch (converted model, staging).
+    num_workers, cpus_per_worker: the Ray Train worker group.
+    max_failures: whole-group restarts from the last checkpoint after a worker dies (-1: unlimited).
+    checkpoint_every, log_every, eval_every: cadences in optimizer steps (0 disables checkpoints/eval).
+    keep_checkpoints: how many checkpoints Ray keeps.
+    verify_export: reload the export in the worker and compare its logits with the engine's.
+    stop_at: stop with a checkpoint (and no export) after this optimizer step; 0 runs to optim.max_steps.
+        The schedule still spans optim.max_steps, so a later run with the same name continues the curve.
+    """
+
+    name: str = "uptrain"
+    storage: str = "runs"
+    output: str = "out/uptrained"
+    workdir: str = ".cache/work"
+    seed: int = 0
+    num_workers: int = 2
+    cpus_per_worker: int = 1
+    max_failures: int = 0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    eval_every: int = 50
+    verify_export: bool = True
+    stop_at: int = 0
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, f"run.name must be a non-empty name without '/', got {self.name!r}")
+        _require(bool(self.storage), "run.storage must be a local directory or s3:// URI")
+        _require(bool(self.output), "run.output must be a local directory or s3:// URI")
+        _require(self.num_workers >= 1, f"run.num_workers must be >= 1, got {self.num_workers}")
+        _require(self.cpus_per_worker > 0, f"run.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        _require(self.max_failures >= -1, f"run.max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
+        for key in ("checkpoint_every", "eval_every"):
+            _require(getattr(self, key) >= 0, f"run.{key} must be >= 0 (0 disables), got {getattr(self, key)}")
+        _require(self.log_every >= 1, f"run.log_every must be >= 1, got {self.log_every}")
+        _require(self.stop_at >= 0, f"run.stop_at must be >= 0 (0: run to optim.max_steps), got {self.stop_at}")
+        _require(self.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    run: RunOptions = field(default_factory=RunOptions)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.optim.warmup_steps < self.optim.max_steps,
+            f"optim.warmup_steps ({self.optim.warmup_steps}) must be < optim.max_steps ({self.optim.max_steps})",
+        )
+        _require(bool(self.model.student or self.model.teacher), "set model.student (a converted model) or model.teacher (to convert)")
+        _require(not self.kd.enabled or bool(self.model.teacher), f"kd.weight={self.kd.weight} needs model.teacher (or set kd.weight=0)")
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens consumed by one optimizer step across all workers."""
+        return self.data.seq_len * self.data.micro_batch_size * self.optim.grad_accum * self.run.num_workers
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return _build(cls, data, prefix="")
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "TrainConfig":
+        """A YAML file (or the defaults) plus dotted `key.sub=value` overrides."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ValueError(f"config file {str(path)!r} does not exist")
+            data = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(data, dict):
+                raise ValueError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+        for item in overrides:
+            apply_override(data, item)
+        return cls.from_dict(data)
+
+
+def valid_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts (`optim.lr`, `zero.stage`, ...)."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            keys += valid_keys(kind, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one `a.b=value` override in place; the value is parsed as YAML (`null`, `true`, `[1, 2]`)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {item!r} is not of the form section.key=value")
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown config key {prefix + unknown[0]!r}; valid keys: {', '.join(valid_keys(cls, prefix))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, kind, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Coerce a YAML or command-line value to the field's annotated type, or say what was expected."""
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else (kind,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ValueError(f"{key} must not be null")
+    for option in options:
+        if option is type(None):
+            continue
+        if option is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+        elif option is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str):
+                try:
+                    return int(value)
+                except ValueError:
+                    pass
+        elif option is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:  # PyYAML reads "3e-4" as a string
+                    return float(value)
+                except ValueError:
+                    pass
+        elif option is str:
+            if isinstance(value, str):
+                return value
+    names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+    raise ValueError(f"{key} must be {names}, got {value!r}")

@@ -1,0 +1,351 @@
+"""The training loop that runs inside every Ray Train worker (`train_loop_per_worker`).
+
+Notable features:
+- The config arrives as a plain dict and is rebuilt here (`TrainConfig.from_dict`); nothing is read
+  from module globals of the driver.
+- DeepSpeed ZeRO stage 1/2/3 over the gloo group Ray already made; a client `torch.optim.AdamW`
+  (no JIT-compiled optimizer op); the LR scheduler is handed to DeepSpeed, which steps and saves it.
+- Losses: next-token CE, plus KD from a frozen teacher loaded once per worker (eval mode, no grad).
+- Checkpoints: every rank `engine.save_checkpoint(tmp)` and writes its own data-loader state, then
+  every rank `ray.train.report(..., checkpoint=...)`; Ray merges the per-rank directories. Once Ray has
+  committed the checkpoint, rank 0 moves the run's "latest" marker (`<run.storage>/<run.name>/latest`):
+  it never names a checkpoint whose upload did not finish, nor one a restart would not resume from.
+- Resume from `ray.train.get_checkpoint()`: engine, optimizer, scheduler, loader position and the
+  running data fingerprint (an order-sensitive hash of every batch consumed), so no step is lost or
+  repeated and a resumed run can prove it consumed exactly the batches of an uninterrupted one.
+- At the end: a consolidated Hugging Face export (gathered under ZeRO-3), checked against the engine's
+  logits, published with `rrt_ray.storage.publish_dir` ("latest" only after a complete upload).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from rrt_ray.train.config import TrainConfig
+from rrt_ray.train.losses import IGNORE_INDEX, combined_loss, cross_entropy
+from rrt_ray.train.schedule import lr_multiplier
+
+DS_TAG = "ds"  # one DeepSpeed tag per Ray checkpoint directory
+STATE_FILE = "train_state_rank{rank}.json"
+FINGERPRINT_MOD = 2**31 - 1
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict, derived from the TrainConfig (the only place it is written)."""
+    zero: dict[str, Any] = {"stage": cfg.zero.stage, "overlap_comm": False, "contiguous_gradients": True}
+    if cfg.zero.stage < 3:
+        zero.update(reduce_bucket_size=cfg.zero.bucket_size, allgather_bucket_size=cfg.zero.bucket_size)
+    else:
+        zero.update(reduce_bucket_size=cfg.zero.bucket_size, stage3_prefetch_bucket_size=cfg.zero.bucket_size)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "train_batch_size": cfg.data.micro_batch_size * cfg.optim.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.zero.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # the client torch AdamW
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on norms, biases or per-depth vectors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps
+    )
+
+
+def next_token_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets), aligned: logits[:, t] predicts targets[:, t]. (B, T, V), (B, T)."""
+    logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
+    return logits, batch["labels"]
+
+
+def batch_fingerprint(previous: int, batch: dict[str, torch.Tensor]) -> int:
+    """Order-sensitive running hash of the consumed batches (equal iff the same batches in the same order)."""
+    crc = zlib.crc32(batch["input_ids"].numpy().tobytes())
+    return (previous * 1_000_003 + crc) % FINGERPRINT_MOD
+
+
+class _Batches:
+    """An endless stream of micro-batches from the loader; its state is the loader's state."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self._it: Iterator | None = None
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self._it is None:
+            self._it = iter(self.loader)
+        try:
+            return next(self._it)
+        except StopIteration:  # end of an epoch: the loader reshuffles on the next iter()
+            self._it = iter(self.loader)
+            return next(self._it)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+        self._it = None
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Held-out perplexity over every worker's batches (a collective: every rank must call it)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)  # (sum of token losses, token count)
+    for batch in batches:
+        logits, targets = next_token_logits(model, batch)
+        count = (targets != IGNORE_INDEX).sum()
+        total += torch.stack([cross_entropy(logits, targets).double() * count, count.double()])
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    model.train(was_training)
+    return math.exp(total[0].item() / max(1.0, total[1].item()))
+
+
+def held_out_batches(tokens: Any, cfg: TrainConfig, rank: int, world_size: int) -> list[dict[str, torch.Tensor]]:
+    """The first data.eval_batches full held-out batches of this rank, the same count on every rank
+    (under ZeRO-3 each forward is a collective, so ranks must run the same number)."""
+    from rrt_ray.data import iter_eval_batches
+
+    batches = []
+    for batch in iter_eval_batches(tokens, cfg.data.seq_len, cfg.data.micro_batch_size, rank, world_size):
+        if len(batches) == cfg.data.eval_batches or batch["input_ids"].shape[0] < cfg.data.micro_batch_size:
+            break
+        batches.append(batch)
+    count = torch.tensor([len(batches)])
+    if dist.is_initialized():
+        dist.all_reduce(count, op=dist.ReduceOp.MIN)
+    return batches[: int(count.item())]
+
+
+def _load_causal_lm(path: str, dtype: torch.dtype) -> torch.nn.Module:
+    import rrt_ray  # noqa: F401  registers rrt_recursive with the Auto classes
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def _local_dir(uri: str, workdir: Path) -> str:
+    """A local copy of a model directory given as a local path or s3:// URI."""
+    from rrt_ray import storage
+
+    if not storage.is_remote(uri):
+        return uri
+    local = workdir / ("model-" + format(zlib.crc32(uri.encode()), "08x"))
+    if not (local / "config.json").is_file():
+        storage.download_dir(uri, str(local))
+    return str(local)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point: config is `{"train": TrainConfig.to_dict()}`; returns the final metrics."""
+    import deepspeed
+    import ray.train
+    from transformers import AutoTokenizer
+
+    from rrt_ray.data import ShardedSequenceLoader
+    from rrt_ray.train.data_prep import token_arrays
+
+    cfg = TrainConfig.from_dict(config["train"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(cfg.run.seed)
+    workdir = Path(cfg.run.workdir).expanduser() / f"worker{rank}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    dtype = torch.bfloat16 if cfg.zero.precision == "bf16" else torch.float32
+
+    student_dir = _local_dir(cfg.model.student, workdir)
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    model = _load_causal_lm(student_dir, torch.float32)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    teacher = None
+    if cfg.kd.enabled:  # loaded once per worker, frozen, outside the DeepSpeed engine
+        teacher = _load_causal_lm(_local_dir(cfg.model.teacher, workdir), dtype).eval().requires_grad_(False)
+        if teacher.config.vocab_size != model.config.get_text_config().vocab_size:
+            raise ValueError(
+                f"teacher vocab {teacher.config.vocab_size} differs from student vocab "
+                f"{model.config.get_text_config().vocab_size}: KD needs the same tokenizer"
+            )
+
+    train_tokens, eval_tokens = token_arrays(cfg.data, tokenizer)
+    loader = ShardedSequenceLoader(train_tokens, cfg.data.seq_len, cfg.data.micro_batch_size, rank, world_size, cfg.run.seed)
+    batches = _Batches(loader)
+    eval_batches = held_out_batches(eval_tokens, cfg, rank, world_size)
+
+    optimizer = build_optimizer(model, cfg)
+    schedule = lr_multiplier(cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.max_steps, cfg.optim.min_lr_ratio, cfg.optim.decay_fraction)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
+    )
+
+    step, fingerprint, resumed_from = 0, 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
+            state = json.loads((Path(ckpt_dir) / STATE_FILE.format(rank=rank)).read_text())
+        batches.load_state_dict(state["loader"])
+        step, fingerprint, resumed_from = state["step"], state["fingerprint"], state["step"]
+
+    sums = torch.zeros(4, dtype=torch.float64)  # (loss, ce, kd, micro-batches) since the last report
+    window_start, window_tokens = time.perf_counter(), 0
+    steady = [0.0, 0.0, 0]  # (tokens, seconds, windows) of this attempt, its first window (warm-up) left out
+    metrics: dict[str, Any] = {"step": step}
+    stop_at = min(cfg.run.stop_at or cfg.optim.max_steps, cfg.optim.max_steps)
+    while step < stop_at:
+        for _ in range(cfg.optim.grad_accum):
+            batch = batches.next()
+            fingerprint = batch_fingerprint(fingerprint, batch)
+            logits, targets = next_token_logits(engine, batch)
+            teacher_logits = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = next_token_logits(teacher, batch)[0]
+            loss, ce, kd = combined_loss(logits, targets, teacher_logits, cfg.kd.weight, cfg.kd.loss, cfg.kd.temperature)
+            engine.backward(loss)
+            engine.step()
+            sums += torch.tensor([loss.item(), ce.item(), kd.item(), 1.0], dtype=torch.float64)
+            window_tokens += batch["input_ids"].numel() * world_size
+        step += 1
+
+        last = step == stop_at
+        do_eval = bool(eval_batches) and (last or (cfg.run.eval_every and step % cfg.run.eval_every == 0))
+        do_checkpoint = cfg.run.checkpoint_every and (step % cfg.run.checkpoint_every == 0 or last)
+        if not (last or do_eval or do_checkpoint or step % cfg.run.log_every == 0):
+            continue
+        if dist.is_initialized():
+            dist.all_reduce(sums)  # means over every worker, not rank 0's share
+        elapsed = time.perf_counter() - window_start
+        if steady[2] > 0:
+            steady[0], steady[1] = steady[0] + window_tokens, steady[1] + elapsed
+        steady[2] += 1
+        metrics = {
+            "step": step,
+            "loss": (sums[0] / sums[3]).item(),
+            "ce_loss": (sums[1] / sums[3]).item(),
+            "kd_loss": (sums[2] / sums[3]).item(),
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_s": window_tokens / elapsed,
+            "tokens_per_s_mean": steady[0] / steady[1] if steady[1] else window_tokens / elapsed,
+            "tokens_seen": step * cfg.tokens_per_step,
+            "data_fingerprint": _all_ranks_sum(fingerprint),
+            "resumed_from": resumed_from,
+        }
+        if do_eval:
+            metrics["heldout_ppl"] = evaluate(engine, eval_batches)
+        if do_checkpoint:
+            _save_and_report(engine, cfg, metrics, rank, batches.state_dict(), fingerprint, step)
+        else:
+            ray.train.report(metrics)
+        sums.zero_()
+        window_start, window_tokens = time.perf_counter(), 0
+
+    if step < cfg.optim.max_steps:  # stopped early on purpose (run.stop_at): no export
+        return {**metrics, "stopped_at": step}
+    metrics.update(export(engine, cfg, tokenizer, rank, eval_batches[:1] or [batches.next()]))
+    ray.train.report(metrics)
+    return metrics
+
+
+def _all_ranks_sum(value: int) -> int:
+    if not dist.is_initialized():
+        return value
+    total = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def _save_and_report(engine: Any, cfg: TrainConfig, metrics: dict[str, Any], rank: int, loader_state: dict, fingerprint: int, step: int) -> None:
+    import ray.train
+    from ray.train import Checkpoint, CheckpointConsistencyMode
+
+    from rrt_ray import storage
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"rrt-ckpt-{step}-rank{rank}-"))
+    try:
+        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        state = {"step": step, "loader": loader_state, "fingerprint": fingerprint}
+        (tmp / STATE_FILE.format(rank=rank)).write_text(json.dumps(state))
+        name = f"step_{step:08d}"
+        try:
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(tmp)), checkpoint_dir_name=name)
+            if rank == 0:
+                # Move the marker only once Ray has committed the checkpoint (every rank's shard uploaded
+                # and registered): "latest" never names a checkpoint a restart would not resume from.
+                ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+                storage.write_latest(storage.join(cfg.run.storage, cfg.run.name), name)
+        except Exception as err:
+            lines = str(err).strip().splitlines() or [""]
+            raise RuntimeError(
+                f"checkpoint upload of step {step} to {storage.join(cfg.run.storage, cfg.run.name, name)} failed "
+                f"({type(err).__name__}: {lines[-1]}); \"latest\" was not moved and still names the previous complete checkpoint"
+            ) from err
+        if dist.is_initialized():
+            dist.barrier()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """Full (unpartitioned) parameters on every rank; gathers under ZeRO-3. A collective."""
+    import deepspeed
+
+    module = engine.module
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
+        return {name: tensor.detach().clone().float() for name, tensor in module.state_dict().items()}
+
+
+def export(engine: Any, cfg: TrainConfig, tokenizer: Any, rank: int, probe: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Save a Hugging Face directory of the trained model, check it, publish it. Every rank must call."""
+    from rrt_ray import storage
+
+    state_dict = consolidated_state_dict(engine)
+    engine.eval()
+    with torch.no_grad():
+        engine_logits = engine(input_ids=probe[0]["input_ids"]).logits.float()  # (B, T, V)
+    metrics: dict[str, Any] = {}
+    if rank == 0:
+        staging = Path(tempfile.mkdtemp(prefix="rrt-export-"))
+        try:
+            module = engine.module
+            module.config.dtype = "float32"
+            module.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            if cfg.run.verify_export:
+                reloaded = _load_causal_lm(str(staging), torch.float32).eval()
+                with torch.no_grad():
+                    reloaded_logits = reloaded(input_ids=probe[0]["input_ids"]).logits.float()
+                diff = (reloaded_logits - engine_logits).abs().max().item()
+                metrics["export_max_logit_diff"] = diff
+                if cfg.zero.precision == "fp32" and diff > 1e-4:
+                    raise RuntimeError(f"exported model differs from the trained engine: max |logit diff| {diff:.3g}")
+            metrics["export_uri"] = storage.publish_dir(str(staging), cfg.run.output, cfg.run.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return metrics

@@ -1,0 +1,129 @@
+"""Checks and preparation on the driver, before any Ray worker starts.
+
+Everything a user can get wrong (a missing data path, an s3:// URI without credentials, a student that is
+not a converted model, a teacher that does not exist) fails here with one clear ValueError. The student is
+then made: the given converted model, or the teacher converted with the config's options into a local
+folder cached by the teacher's files and the options.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from rrt_ray.train.config import TrainConfig
+
+CONVERTED_MODEL_TYPE = "rrt_recursive"
+DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".py", ".rst", ".md")
+
+
+def _looks_local(source: str) -> bool:
+    """A data source meant as a local path (a hub name looks like 'org/name', without a file suffix)."""
+    if source.startswith(("/", "./", "../", "~", "file:")):
+        return True
+    return Path(source).suffix in DATA_SUFFIXES or source.count("/") > 1 or Path(source).exists()
+
+
+def check_data_source(source: str) -> None:
+    from rrt_ray import storage
+
+    if source == "default" or storage.is_remote(source):
+        return
+    if _looks_local(source) and not Path(source.removeprefix("file:")).expanduser().exists():
+        raise ValueError(f"data.source {source!r} does not exist (give a local file or directory, an s3:// prefix, a hub dataset name or 'default')")
+
+
+def resolve_model(uri: str, key: str) -> str:
+    """A model directory, or a published root whose "latest" marker names one. Local paths must exist."""
+    from rrt_ray import storage
+
+    if storage.is_remote(uri):
+        return uri
+    path = Path(uri).expanduser()
+    if (path / "config.json").is_file():
+        return str(path.resolve())
+    if path.is_dir():
+        latest = storage.read_latest(str(path))
+        if latest is not None and (Path(latest) / "config.json").is_file():
+            return str(Path(latest).resolve())
+        raise ValueError(f"{key} {uri!r} has no config.json and no \"latest\" marker naming a model directory")
+    looks_like_hub_id = uri.count("/") == 1 and not uri.startswith((".", "/", "~"))
+    if looks_like_hub_id and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
+        return uri  # fetched by the converter when online
+    raise ValueError(f"{key} {uri!r} does not exist (expected a model directory, a published root, an s3:// URI or, online, a hub id)")
+
+
+def check_converted(model_dir: str, key: str = "model.student") -> None:
+    """Raise unless model_dir holds a converted recursive model (config.json model_type rrt_recursive)."""
+    from rrt_ray import storage
+
+    try:
+        model_type = json.loads(storage.read_text(storage.join(model_dir, "config.json"))).get("model_type")
+    except FileNotFoundError:
+        raise ValueError(f"{key} {model_dir!r} has no config.json: not a Hugging Face model directory") from None
+    if model_type != CONVERTED_MODEL_TYPE:
+        raise ValueError(
+            f"{key} {model_dir!r} is not a converted recursive model (model_type {model_type!r}, expected "
+            f"{CONVERTED_MODEL_TYPE!r}); convert it with `rrt convert` or set model.teacher and leave model.student empty"
+        )
+
+
+def preflight(cfg: TrainConfig) -> TrainConfig:
+    """Validate paths and credentials; return a copy of cfg with the teacher and student resolved."""
+    from rrt_ray import storage
+
+    for key, uri in (
+        ("data.source", cfg.data.source),
+        ("model.student", cfg.model.student),
+        ("model.teacher", cfg.model.teacher),
+        ("run.storage", cfg.run.storage),
+        ("run.output", cfg.run.output),
+    ):
+        if uri and storage.is_remote(uri):
+            storage.check_s3_access(uri)
+    check_data_source(cfg.data.source)
+    data = cfg.to_dict()
+    if cfg.model.teacher:
+        data["model"]["teacher"] = resolve_model(cfg.model.teacher, "model.teacher")
+    if cfg.model.student:
+        data["model"]["student"] = resolve_model(cfg.model.student, "model.student")
+        check_converted(data["model"]["student"])
+    return TrainConfig.from_dict(data)
+
+
+def _teacher_fingerprint(teacher: str) -> str:
+    path = Path(teacher)
+    if not path.is_dir():
+        return teacher
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
+    return json.dumps([str(path.resolve()), files])
+
+
+def convert_teacher(cfg: TrainConfig, log=print) -> str:
+    """The converted student for cfg (converting the teacher once per teacher files + options)."""
+    from rrt_ray.convert import convert_checkpoint
+
+    model = cfg.model
+    options = {"loops": model.loops, "sharing": model.sharing, "init": model.init, "lora_rank": model.lora_rank, "lora_init": model.lora_init}
+    key = hashlib.sha256((_teacher_fingerprint(model.teacher) + json.dumps(options, sort_keys=True)).encode()).hexdigest()[:16]
+    out = Path(cfg.run.workdir).expanduser().resolve() / f"converted-{key}"
+    if (out / "config.json").is_file():
+        log(f"using the converted model cached at {out}")
+        return str(out)
+    log(f"converting {model.teacher} -> {out} ({options})")
+    convert_checkpoint(model.teacher, str(out), progress=False, **options)
+    return str(out)
+
+
+def warm_token_cache(cfg: TrainConfig) -> None:
+    """Tokenise the corpus once on the driver, so that the workers of this node find it cached
+    instead of all tokenising it at the same time."""
+    from transformers import AutoTokenizer
+
+    from rrt_ray import storage
+    from rrt_ray.train.data_prep import token_arrays
+
+    if cfg.model.student and not storage.is_remote(cfg.model.student):
+        token_arrays(cfg.data, AutoTokenizer.from_pretrained(cfg.model.student))

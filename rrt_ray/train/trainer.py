@@ -1,0 +1,110 @@
+"""Driver side of a training run: the Ray Train TorchTrainer around `loop.train_loop_per_worker`.
+
+This module and `loop.py` are the only places that call Ray Train. What crosses the Ray boundary is a
+plain dict (`TrainConfig.to_dict()`); workers get their environment (DeepSpeed on CPU, the cached
+JIT-extension folder, one OpenMP thread per CPU, the S3 endpoint when set) through
+`RunConfig.worker_runtime_env`, never from module globals.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from rrt_ray.train.config import TrainConfig
+
+# Forwarded to workers when set on the driver (a cluster started elsewhere may lack them). Only settings:
+# credentials are never put in a runtime env (Ray shows runtime envs in its dashboard and state API); the
+# workers take them from their own environment, as the driver does.
+FORWARDED_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "HF_HUB_OFFLINE")
+DEFAULT_EXTENSIONS_DIR = Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"
+
+
+def worker_env(cfg: TrainConfig) -> dict[str, str]:
+    env = {
+        "DS_ACCELERATOR": "cpu" if not _has_cuda() else os.environ.get("DS_ACCELERATOR", "cuda"),
+        "OMP_NUM_THREADS": str(max(1, int(cfg.run.cpus_per_worker))),
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(DEFAULT_EXTENSIONS_DIR)),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    env.update({key: os.environ[key] for key in FORWARDED_ENV if key in os.environ})
+    return env
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def ensure_ray() -> None:
+    """Join the cluster a `ray job submit` runs in (RAY_ADDRESS), or start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+
+
+def ray_storage(uri: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray's RunConfig: local paths absolute, s3:// via pyarrow."""
+    from rrt_ray import storage
+
+    if storage.is_remote(uri):
+        filesystem, path = storage.pyarrow_filesystem(uri)
+        return path, filesystem
+    return str(Path(uri).expanduser().resolve()), None
+
+
+def fit(cfg: TrainConfig, train_loop: Callable[[dict], Any] | None = None) -> dict[str, Any]:
+    """Run the worker loop on `cfg.run.num_workers` Ray Train workers; return rank 0's final metrics.
+
+    A run with the same `run.name` and `run.storage` as an earlier one resumes from its last checkpoint.
+    Raises RuntimeError with the workers' error on failure (after `run.max_failures` restarts).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from rrt_ray.train.loop import train_loop_per_worker
+
+    ensure_ray()
+    storage_path, filesystem = ray_storage(cfg.run.storage)
+    trainer = TorchTrainer(
+        train_loop or train_loop_per_worker,
+        train_loop_config={"train": cfg.to_dict()},
+        torch_config=TorchConfig(backend="gloo" if not _has_cuda() else "nccl"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.run.num_workers,
+            use_gpu=_has_cuda(),
+            resources_per_worker={"CPU": cfg.run.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            worker_runtime_env={"env_vars": worker_env(cfg)},
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:  # TrainingFailedError wraps the worker's exception
+        raise RuntimeError(f"training run {cfg.run.name!r} failed: {_root_cause(err)}") from err
+    if result.error is not None:
+        raise RuntimeError(f"training run {cfg.run.name!r} failed: {_root_cause(result.error)}")
+    return dict(result.return_value or result.metrics or {})
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost exception's one-line message (Ray wraps worker errors several times)."""
+    seen = set()
+    while True:
+        inner = getattr(err, "cause", None) or err.__cause__
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        err = inner
+    text = str(err).strip().splitlines()
+    last = next((line for line in reversed(text) if line.strip()), type(err).__name__)
+    return f"{type(err).__name__}: {last.strip()}"

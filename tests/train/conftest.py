@@ -1,0 +1,100 @@
+"""Fixtures for the training tests: a tiny teacher trained-tokenizer Llama, its converted student, a local
+Ray cluster, and a config builder with small, fast settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+TINY_VOCAB = 512
+CORPUS_BYTES = 200_000
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> str:
+    """An 8-layer random Llama (hidden 64) with a BPE tokenizer trained on a slice of the default corpus."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rrt_ray import data
+
+    out = tmp_path_factory.mktemp("teacher")
+    tokenizer = data.train_bpe_tokenizer(data.load_texts("default", "train", CORPUS_BYTES), TINY_VOCAB)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tiny_teacher, tmp_path_factory) -> str:
+    """The teacher converted to 4 shared layers looped twice, LoRA rank 8 (SVD init)."""
+    from rrt_ray.convert import convert_checkpoint
+
+    out = tmp_path_factory.mktemp("student") / "converted"
+    convert_checkpoint(tiny_teacher, str(out), loops=2, sharing="cycle", init="average", lora_rank=8, progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local 2-CPU cluster. Its workers carry moto's dummy S3 keys (the S3 tests' server accepts any):
+    training never forwards credentials to workers, they come from the workers' own environment."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        dummy_keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+        ray.init(num_cpus=2, log_to_driver=False, runtime_env={"env_vars": dummy_keys})
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_teacher, tiny_student):
+    """TrainConfig for a few-second run on the tiny models; keyword overrides as dotted keys."""
+    from rrt_ray.train.config import TrainConfig
+
+    cache = tmp_path.parent / "token-cache"  # shared by the tests of one session
+
+    def build(*overrides: str) -> TrainConfig:
+        base = [
+            f"model.teacher={tiny_teacher}",
+            f"model.student={tiny_student}",
+            "data.source=default",
+            f"data.max_bytes={CORPUS_BYTES}",
+            "data.seq_len=32",
+            "data.micro_batch_size=4",
+            "data.eval_batches=2",
+            f"data.cache_dir={cache}",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=1",
+            "optim.max_steps=4",
+            "kd.weight=0.5",
+            "run.num_workers=2",
+            f"run.storage={tmp_path / 'runs'}",
+            f"run.output={tmp_path / 'out'}",
+            f"run.workdir={tmp_path / 'work'}",
+            "run.checkpoint_every=2",
+            "run.log_every=1",
+            "run.eval_every=2",
+        ]
+        return TrainConfig.load(None, base + list(overrides))
+
+    return build
