@@ -162,6 +162,30 @@ class KDConfig:
 
 
 @dataclass
+class EarlyExitConfig:
+    """Early exit after every loop (CYCLE-shared recursive students only).
+
+    loss = (1 - kd.weight) * EE + kd.weight * KD(final exit), with
+    EE = sum_b w_b CE(exit_b) / sum_b w_b + distill_weight * mean_b KL(final exit (detached) || exit_b).
+    schedule: the exit weights w ("aggressive": 0.1 on intermediate exits, 1.0 on the last, as in the paper).
+    freeze_backbone: post-training mode: shared weights, embeddings and head frozen; LoRA and per-depth
+    norms and biases train.
+    """
+
+    enabled: bool = False
+    schedule: str = "aggressive"
+    distill_weight: float = 1.0
+    freeze_backbone: bool = False
+
+    def __post_init__(self) -> None:
+        from rrt_ray.models.early_exit import EXIT_SCHEDULES
+
+        _require(self.schedule in EXIT_SCHEDULES, f"early_exit.schedule {self.schedule!r} is not one of {', '.join(EXIT_SCHEDULES)}")
+        _require(self.distill_weight >= 0, f"early_exit.distill_weight must be >= 0, got {self.distill_weight}")
+        _require(self.enabled or not self.freeze_backbone, "early_exit.freeze_backbone needs early_exit.enabled=true")
+
+
+@dataclass
 class ZeroConfig:
     """DeepSpeed: ZeRO stage 1, 2 or 3 and the compute precision (fp32 or bf16; fp16 fails on CPU).
 
@@ -231,6 +255,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     run: RunOptions = field(default_factory=RunOptions)
 
@@ -241,6 +266,10 @@ class TrainConfig:
         )
         _require(bool(self.model.student or self.model.teacher), "set model.student (a converted model) or model.teacher (to convert)")
         _require(not self.kd.enabled or bool(self.model.teacher), f"kd.weight={self.kd.weight} needs model.teacher (or set kd.weight=0)")
+        _require(
+            not self.early_exit.enabled or bool(self.model.student) or self.model.sharing == "cycle",
+            f"early_exit needs model.sharing=cycle (exits sit between loops), got {self.model.sharing!r}",
+        )
 
     @property
     def tokens_per_step(self) -> int:

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 
 from rrt_ray.train.config import TrainConfig
+from rrt_ray.models import RecursiveForCausalLM
+from rrt_ray.models.early_exit import early_exit_loss, freeze_backbone, loop_exit_logits
 from rrt_ray.train.losses import IGNORE_INDEX, combined_loss, cross_entropy
 from rrt_ray.train.schedule import lr_multiplier
 
@@ -179,6 +181,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     model = _load_causal_lm(student_dir, torch.float32)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.early_exit.enabled and not isinstance(model, RecursiveForCausalLM):
+        raise ValueError(f"early_exit needs a converted recursive student, got a {model.config.model_type} model")
+    if cfg.early_exit.freeze_backbone:
+        freeze_backbone(model)
     model.train()
     teacher = None
     if cfg.kd.enabled:  # loaded once per worker, frozen, outside the DeepSpeed engine
@@ -219,12 +225,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         for _ in range(cfg.optim.grad_accum):
             batch = batches.next()
             fingerprint = batch_fingerprint(fingerprint, batch)
-            logits, targets = next_token_logits(engine, batch)
+            if cfg.early_exit.enabled:
+                exits, targets = loop_exit_logits(engine.module, batch["input_ids"]), batch["labels"]
+                logits = exits[-1]
+            else:
+                logits, targets = next_token_logits(engine, batch)
             teacher_logits = None
             if teacher is not None:
                 with torch.no_grad():
                     teacher_logits = next_token_logits(teacher, batch)[0]
             loss, ce, kd = combined_loss(logits, targets, teacher_logits, cfg.kd.weight, cfg.kd.loss, cfg.kd.temperature)
+            if cfg.early_exit.enabled:  # the exits' loss takes the place of the final CE
+                ee, _ = early_exit_loss(exits, targets, cfg.early_exit.schedule, cfg.early_exit.distill_weight, cfg.kd.temperature)
+                loss = (1 - cfg.kd.weight) * ee + cfg.kd.weight * kd
             engine.backward(loss)
             engine.step()
             sums += torch.tensor([loss.item(), ce.item(), kd.item(), 1.0], dtype=torch.float64)
