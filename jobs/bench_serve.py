@@ -18,30 +18,40 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for a plain checkout
 
 
+def _thresholds(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"--thresholds must be comma-separated numbers in [0, 1], got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--recursive", default=None)
-    parser.add_argument("--loops", type=int, default=2)
-    parser.add_argument("--lora-rank", type=int, default=64)
-    parser.add_argument("--init", default="average")
-    parser.add_argument("--num-requests", type=int, default=48)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--thresholds", default="0.9,0.7,0.5,0.3,0.1")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--kv-fill", default="propagate", choices=("propagate", "share"))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="results/bench_serve.md")
-    parser.add_argument("--no-png", action="store_true")
+    parser.add_argument("--model", required=True, help="the original Hugging Face model directory (with its tokenizer)")
+    parser.add_argument("--recursive", default=None, help="a converted (ideally early-exit trained) recursive model; default: convert --model here")
+    parser.add_argument("--loops", type=int, default=2, help="loops of the model converted here (without --recursive)")
+    parser.add_argument("--lora-rank", type=int, default=64, help="LoRA rank of the model converted here")
+    parser.add_argument("--init", default="average", help="init strategy of the model converted here: stepwise, average or lower")
+    parser.add_argument("--num-requests", type=int, default=48, help="requests in the load (the same list for every setup)")
+    parser.add_argument("--concurrency", type=int, default=16, help="closed-loop concurrent clients")
+    parser.add_argument("--thresholds", default="0.9,0.7,0.5,0.3,0.1", help="comma-separated exit-confidence thresholds in [0, 1] for the (d) setups")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds per setup; each keeps its best")
+    parser.add_argument("--kv-fill", default="propagate", choices=("propagate", "share"), help="how exited tokens fill deeper loops' keys/values")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--out", default="results/bench_serve.md", help="results file (a PNG is written beside it)")
+    parser.add_argument("--no-png", action="store_true", help="skip the throughput-vs-quality plot")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rrt_ray.serve.bench import ServeBenchConfig, run_benchmark, write_report
 
     try:
+        for flag, path in (("--model", args.model), ("--recursive", args.recursive)):
+            if path is not None and not (Path(path) / "config.json").is_file():
+                raise ValueError(f"{flag} {path!r} is not a Hugging Face model directory (no config.json)")
         cfg = ServeBenchConfig(
             model=args.model, recursive=args.recursive, loops=args.loops, lora_rank=args.lora_rank, init=args.init,
             num_requests=args.num_requests, concurrency=args.concurrency, repeats=args.repeats, kv_fill=args.kv_fill,
-            thresholds=tuple(float(t) for t in args.thresholds.split(",") if t), torch_threads=args.threads,
+            thresholds=_thresholds(args.thresholds), torch_threads=args.threads,
         )
     except ValueError as err:
         print(f"bench_serve: error: {err}", file=sys.stderr)

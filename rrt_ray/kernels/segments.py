@@ -47,3 +47,40 @@ def sort_by_depth(depth_index: torch.Tensor, num_depths: int) -> DepthSegments:
         seg_len=counts[1:].to(torch.int32),
         num_depths=num_depths,
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host-side runs, for the CPU paths.
+#
+# The serving engine orders its rows by loop depth, so a continuous depth-wise batch arrives as a few
+# contiguous runs, e.g. [0 0 0 1 1] -> (0, 0, 3), (1, 3, 5). Each run is then a plain slice of x: no
+# argsort, no gather, no scatter, and one run is exactly the uniform-depth cost. Every LoRA and norm
+# of one layer call sees the same depth tensor, so the runs are computed once and remembered.
+
+Run = tuple[int, int, int]  # (depth, start, end): rows start..end-1 are all at `depth`
+
+_last_runs: tuple[torch.Tensor, tuple, list[Run]] | None = None
+
+
+def _runs_key(t: torch.Tensor) -> tuple:
+    # The tensor itself is held by the cache, so its storage (data_ptr) cannot be reused meanwhile;
+    # _version changes on any in-place write, through the tensor or a view of it.
+    return (t.device, t.dtype, t.data_ptr(), t.numel(), t.is_contiguous(), t._version)
+
+
+def depth_runs(depth_index: torch.Tensor) -> list[Run]:
+    """Maximal runs of equal depth in `depth_index` (any shape, read flattened, row-major)."""
+    global _last_runs
+    key = _runs_key(depth_index)
+    if _last_runs is not None and _last_runs[1] == key:
+        return _last_runs[2]
+    flat = depth_index.reshape(-1)
+    if flat.numel() == 0:
+        runs: list[Run] = []
+    else:
+        starts = [0] + (torch.nonzero(flat[1:] != flat[:-1]).reshape(-1) + 1).tolist()
+        depths = flat[starts].tolist()
+        ends = starts[1:] + [flat.numel()]
+        runs = list(zip(depths, starts, ends))
+    _last_runs = (depth_index, key, runs)
+    return runs

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from rrt_ray.kernels.segments import depth_runs
+
 Depth = int | torch.Tensor
 
 
@@ -42,7 +44,15 @@ class PerDepth(nn.Module):
             params = {name: getattr(self, name)[depth] for name in self.param_names}
             return functional_call(self.inner, params, (x, *args), kwargs)
         # Tokens at different depths (continuous depth-wise batching): run each depth's group.
-        # depth: x.shape[:-1] with -1 for padding slots, which are computed at depth 0 and ignored.
+        # depth: a leading part of x.shape, with -1 for padding slots, computed at depth 0 and ignored.
+        runs = depth_runs(depth)
+        if len(runs) <= self.num_depths + 1:  # grouped by depth (the engine's order): slices, no masks
+            flat = x.reshape(depth.numel(), *x.shape[depth.dim():])
+            pieces = []
+            for d, start, end in runs:
+                params = {name: getattr(self, name)[max(d, 0)] for name in self.param_names}
+                pieces.append(functional_call(self.inner, params, (flat[start:end], *args), kwargs))
+            return torch.cat(pieces).view(x.shape) if pieces else torch.empty_like(x)
         depth = depth.clamp_min(0)
         out = torch.empty_like(x)
         for d in torch.unique(depth).tolist():

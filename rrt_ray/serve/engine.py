@@ -306,7 +306,10 @@ class Engine:
         self._schedule()
         if not self._inflight:
             return outputs
+        # Rows grouped by loop depth: each depth's LoRA and norms then run on a slice of the batch
+        # (kernels/segments.depth_runs). Stable, so requests keep their arrival order within a depth.
         units = self._inflight
+        units.sort(key=lambda u: u.loops_done)
         new = [u for u in units if u.hidden is None]
         if new:  # embed all tokens entering loop 1 in one call
             embedded = self.runner.embed(torch.cat([u.token_ids for u in new]))

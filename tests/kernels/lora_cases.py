@@ -12,8 +12,10 @@ SHAPES = {
     "real_r64": (40, 256, 320, 64, 4),
 }
 
-# Depth-index patterns of a serving batch; "unused" leaves every depth but the first and last empty.
-PATTERNS = ("mixed", "unused", "one_depth", "all_padding")
+# Depth-index patterns of a serving batch; "unused" leaves every depth but the first and last empty;
+# "grouped" is mixed but ordered by depth, as the serving engine orders its rows (the CPU strategy's
+# slice path, kernels/segments.depth_runs).
+PATTERNS = ("mixed", "unused", "one_depth", "all_padding", "grouped")
 
 FP32_TOL = 1e-4  # max abs error relative to the reference's max abs
 BF16_TOL = 2e-2
@@ -29,6 +31,8 @@ def make_depth_index(pattern: str, num_tokens: int, num_depths: int, dtype: torc
         idx = torch.full((num_tokens,), num_depths // 2)
     elif pattern == "all_padding":
         idx = torch.full((num_tokens,), -1)
+    elif pattern == "grouped":
+        idx = torch.sort(torch.randint(-1, num_depths, (num_tokens,))).values
     else:
         raise ValueError(pattern)
     return idx.to(dtype)

@@ -16,13 +16,23 @@ from lora_cases import (
 )
 
 from rrt_ray.kernels import torch_ops, triton_ops
-from rrt_ray.kernels.segments import sort_by_depth
+from rrt_ray.kernels.segments import depth_runs, sort_by_depth
 
 
 def test_sort_by_depth_groups_tokens():
     seg = sort_by_depth(torch.tensor([1, 0, -1, 1, 0]), num_depths=3)
     assert seg.sorted_token_ids.tolist() == [2, 1, 4, 0, 3]
     assert seg.seg_start.tolist() == [1, 3, 5] and seg.seg_len.tolist() == [2, 2, 0]
+
+
+def test_depth_runs_and_their_cache():
+    idx = torch.tensor([[-1, 0, 0, 1, 1, 1]])  # (1, T): the shape the engine sets on a layer
+    assert depth_runs(idx) == [(-1, 0, 1), (0, 1, 3), (1, 3, 6)]
+    assert depth_runs(idx.reshape(-1)) == [(-1, 0, 1), (0, 1, 3), (1, 3, 6)]  # a view: same answer
+    idx[0, 2] = 1  # an in-place write must not be answered from the cache
+    assert depth_runs(idx) == [(-1, 0, 1), (0, 1, 2), (1, 2, 6)]
+    assert depth_runs(torch.tensor([1, 0, 1])) == [(1, 0, 1), (0, 1, 2), (1, 2, 3)]
+    assert depth_runs(torch.zeros(0, dtype=torch.long)) == []
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
