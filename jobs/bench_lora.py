@@ -25,6 +25,8 @@ of {passes} passes over the grid) and, in brackets, the speedup over `naive_loop
 (torch_ops.multi_lora_reference: a boolean mask and a gather per depth).
 Tokens are spread uniformly over the D depths. `one_depth` is not a contender: the same tokens all at
 one depth (the int fast path, two matmuls), i.e. the floor that per-token depths cost against.
+`segmented_grouped` is not a contender either: `segmented` on the same tokens ordered by depth, as
+the serving engine orders its rows, which turns each depth into a slice (no sort, gather or scatter).
 `gather_bmm` is skipped where the per-token weight copies would pass 256 MiB."""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     png = None if args.no_png else out.with_suffix(".png")
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {__import__('torch').__version__}"
-    write_report(cfg, results, info, out, png, machine)
+    command = shlex.join(["python", "jobs/bench_serve.py", *(sys.argv[1:] if argv is None else argv)])
+    write_report(cfg, results, info, out, png, machine, command)
     print(out.read_text())
     return 0
 

@@ -26,6 +26,10 @@ Arm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], 
 
 BASELINE = "naive_loop"
 FLOOR = "one_depth"  # all tokens at one depth: a yardstick, not a contender
+# The same tokens ordered by depth, as the serving engine sends them: segmented's slice path (no sort,
+# gather or scatter). A yardstick too: its input differs, so it does not compete.
+GROUPED = "segmented_grouped"
+YARDSTICKS = (FLOOR, GROUPED)
 # Gathering A and B per token materialises T * r * (d_in + d_out) weights; past this it only thrashes.
 GATHER_LIMIT_BYTES = 256 * 2**20
 
@@ -54,6 +58,7 @@ def cpu_arms() -> dict[str, Arm]:
         "gather_bmm": torch_ops.multi_lora_gather_bmm,
         "masked": torch_ops.multi_lora_masked,
         FLOOR: _one_depth,
+        GROUPED: torch_ops.multi_lora_segmented,
     }
 
 
@@ -103,12 +108,15 @@ def run_case(
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     live = {name: arm for name, arm in arms.items() if not _skip(name, case, dtype)}
     best: dict[str, float] = {}
+    grouped_index = torch.sort(depth_index).values  # (T,) the same depths, rows ordered by depth
+    index_of = {name: grouped_index if name == GROUPED else depth_index for name in live}
     for name, arm in live.items():  # warm up (and compile, for Triton)
-        arm(x, lora_a, lora_b, depth_index, 0.5)
+        arm(x, lora_a, lora_b, index_of[name], 0.5)
     sync()
     for _ in range(rounds):
         for name, arm in live.items():
-            t = _best_time(lambda: arm(x, lora_a, lora_b, depth_index, 0.5), sync, budget_s, min_iters=2)
+            idx = index_of[name]
+            t = _best_time(lambda: arm(x, lora_a, lora_b, idx, 0.5), sync, budget_s, min_iters=2)
             best[name] = min(best.get(name, float("inf")), t * 1e6)
     return {name: best.get(name) for name in arms}
 
@@ -137,7 +145,7 @@ def run_grid(
 def format_table(cases: list[BenchCase], results: list[dict[str, float | None]]) -> str:
     """Markdown: microseconds per call and, in brackets, the speedup over the naive per-depth loop."""
     names = list(results[0])
-    contenders = [n for n in names if n != FLOOR]
+    contenders = [n for n in names if n not in YARDSTICKS]
     head = ["T", "D", "r"] + [f"{n} us" for n in names] + ["fastest"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case, res in zip(cases, results):
@@ -154,7 +162,7 @@ def format_table(cases: list[BenchCase], results: list[dict[str, float | None]])
 
 def summarize(cases: list[BenchCase], results: list[dict[str, float | None]]) -> str:
     """Per contender: how often it was fastest, and its geometric-mean speedup over the naive loop."""
-    names = [n for n in results[0] if n != FLOOR]
+    names = [n for n in results[0] if n not in YARDSTICKS]
     lines = []
     for name in names:
         ratios = [res[BASELINE] / res[name] for res in results if res[name] is not None]

@@ -284,12 +284,16 @@ def run_benchmark(cfg: ServeBenchConfig, log: Callable[[str], None] = print) -> 
     return results, info
 
 
-def write_report(cfg: ServeBenchConfig, results: list[ArmResult], info: dict, out_md: Path, out_png: Path | None, machine: str) -> None:
+def write_report(
+    cfg: ServeBenchConfig, results: list[ArmResult], info: dict, out_md: Path, out_png: Path | None, machine: str,
+    command: str | None = None,
+) -> None:
+    """The results file (and the PNG); `command` is the exact command line that produced them."""
     base = results[0]
     lines = [
         "# Serving benchmark: static batching vs continuous batching vs depth-wise batching with early exit",
         "",
-        f"`python jobs/bench_serve.py --model {cfg.model}` ({machine}).",
+        f"`{command or f'python jobs/bench_serve.py --model {cfg.model}'}` ({machine}).",
         "",
         f"Load: {info['requests']} requests, the same list for every setup; prompts {cfg.prompt_tokens[0]}-{cfg.prompt_tokens[1]} tokens "
         f"and outputs {cfg.output_tokens[0]}-{cfg.output_tokens[1]} tokens (uniform; {info['output_tokens']} output tokens in all, "

@@ -24,3 +24,8 @@ def test_bench_job_writes_table(tmp_path):
     assert "| 5 | 2 | 16 |" in text and "segmented" in text
     rows = json.loads(raw.read_text())["rows"]
     assert [r["num_tokens"] for r in rows] == [1, 5] and all(r["us"]["segmented"] > 0 for r in rows)
+    assert all(r["us"]["segmented_grouped"] > 0 for r in rows)
+    # Yardsticks are timed but never named fastest: their inputs differ from the contenders'.
+    summary = text.split("## Summary")[1].split("## Results")[0]
+    assert "- segmented:" in summary and "- segmented_grouped:" not in summary and "- one_depth:" not in summary
+    assert all(not line.endswith(("| one_depth |", "| segmented_grouped |")) for line in text.splitlines())
