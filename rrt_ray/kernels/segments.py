@@ -71,9 +71,9 @@ def _runs_key(t: torch.Tensor) -> tuple:
 def depth_runs(depth_index: torch.Tensor) -> list[Run]:
     """Maximal runs of equal depth in `depth_index` (any shape, read flattened, row-major)."""
     global _last_runs
-    key = _runs_key(depth_index)
-    if _last_runs is not None and _last_runs[1] == key:
-        return _last_runs[2]
+    key, last = _runs_key(depth_index), _last_runs  # one read: another thread may replace it meanwhile
+    if last is not None and last[1] == key:
+        return last[2]
     flat = depth_index.reshape(-1)
     if flat.numel() == 0:
         runs: list[Run] = []
