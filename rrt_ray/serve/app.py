@@ -125,19 +125,20 @@ class CompletionServer:
 
         from rrt_ray.serve.async_engine import AsyncEngine
         from rrt_ray.serve.engine import Engine
-        from rrt_ray.serve.metrics import ServeMetrics
+        from rrt_ray.serve.metrics import EngineMetrics
 
         self.config = ServeAppConfig(**config)
         torch.set_num_threads(self.config.torch_threads)
         model, self.tokenizer = load_model(self.config.model)
         engine = Engine(model, self.tokenizer, self.config.engine)
-        self.runner = AsyncEngine(engine, self.config.server.max_concurrent_requests, ServeMetrics(engine.num_loops))
+        self.runner = AsyncEngine(engine, self.config.server.max_concurrent_requests, EngineMetrics(engine.num_loops))
 
     def __serve_build_asgi_app__(self):
         from rrt_ray.serve.api import build_app
+        from rrt_ray.serve.client import LocalEngineClient
 
         api_key = os.environ.get(self.config.server.api_key_env) or None
-        return build_app(self.runner, self.tokenizer, self.config.server, api_key)
+        return build_app(LocalEngineClient(self.runner), self.tokenizer, self.config.server, api_key)
 
     def __del__(self) -> None:
         runner = getattr(self, "runner", None)
