@@ -17,9 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for a plain checkout
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:
