@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
 from rrt_ray import storage
 from rrt_ray.convert.init_strategies import INIT_STRATEGIES, init_source_layers
@@ -146,6 +146,52 @@ def _resolve_ranks(skeleton: RecursiveForCausalLM, spec: ConvertSpec) -> dict[st
     return ranks
 
 
+@dataclass
+class ConversionPlan:
+    """What a conversion of a given model with a given spec produces, known before any weight is read."""
+
+    skeleton: RecursiveForCausalLM  # on the meta device
+    original: torch.nn.Module  # the source architecture, on the meta device
+    lora_ranks: dict[str, int]  # projection name -> rank (empty at rank 0)
+
+    @property
+    def params(self) -> dict[str, int]:
+        return self.skeleton.parameter_counts()
+
+    @property
+    def original_params(self) -> int:
+        return self.original.num_parameters()
+
+
+def plan_conversion(text: PreTrainedConfig, spec: ConvertSpec) -> ConversionPlan:
+    """Check spec against the source's config (architecture, loops, ranks) and build the skeletons.
+
+    Raises ValueError naming the bad value and what is allowed; reads no weights (meta device), so a
+    sweep can check every point of its search space in milliseconds.
+    """
+    check_supported(text)
+    check_loops(text.num_hidden_layers, spec.loops)
+
+    def build(ranks: dict[str, int]) -> RecursiveForCausalLM:
+        config = RecursiveConfig(
+            text_config=text.to_dict(),
+            num_loops=spec.loops,
+            sharing=spec.sharing,
+            lora_rank=ranks,
+            lora_scale=spec.lora_scale,
+            share_non_lora=spec.share_non_lora,
+            init_strategy=spec.init,
+            lora_init=spec.lora_init,
+        )
+        with torch.device("meta"):
+            return RecursiveForCausalLM(config)
+
+    ranks = _resolve_ranks(build({}), spec)
+    with torch.device("meta"):
+        original = AutoModelForCausalLM.from_config(text)
+    return ConversionPlan(build(ranks), original, ranks)
+
+
 class _LayerGroupConverter:
     """Computes the tensors of one shared layer from the source layers tied to it."""
 
@@ -258,31 +304,10 @@ def convert_checkpoint(
         return report
     out_path = _check_out(out, overwrite)
     src_path = resolve_source(src)
-    text = AutoConfig.from_pretrained(src_path)
-    check_supported(text)
-    check_loops(text.num_hidden_layers, loops)
-
-    def build(ranks: dict[str, int]) -> RecursiveForCausalLM:
-        config = RecursiveConfig(
-            text_config=text.to_dict(),
-            num_loops=loops,
-            sharing=sharing,
-            lora_rank=ranks,
-            lora_scale=lora_scale,
-            share_non_lora=share_non_lora,
-            init_strategy=init,
-            lora_init=lora_init,
-        )
-        with torch.device("meta"):
-            return RecursiveForCausalLM(config)
-
-    ranks = _resolve_ranks(build({}), spec)
-    skeleton = build(ranks)
+    plan = plan_conversion(AutoConfig.from_pretrained(src_path), spec)
+    skeleton, ranks, original_params = plan.skeleton, plan.lora_ranks, plan.original_params
     config = skeleton.config
-    with torch.device("meta"):
-        original = AutoModelForCausalLM.from_config(text)
-    original_params = original.num_parameters()
-    source = SourceCheckpoint(src_path, checkpoint_renames(original))
+    source = SourceCheckpoint(src_path, checkpoint_renames(plan.original))
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
@@ -299,7 +324,7 @@ def convert_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ConvertReport(str(out_path), skeleton.parameter_counts(), original_params, time.perf_counter() - started, ranks)
+    return ConvertReport(str(out_path), plan.params, original_params, time.perf_counter() - started, ranks)
 
 
 def _write_weights(skeleton: RecursiveForCausalLM, source: SourceCheckpoint, spec: ConvertSpec, tmp: Path, progress: bool) -> None:
