@@ -72,8 +72,9 @@ def ray_head(env: dict[str, str]):
     command = [str(VENV_BIN / "ray"), "start", "--head", "--port=0", "--num-cpus=2", "--disable-usage-stats",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}"]
     command += [f"{flag}={port}" for flag, port in ports.items()]
-    subprocess.run(command, env=env, check=True, capture_output=True, timeout=120)
+    started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     try:
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
         yield f"http://127.0.0.1:{dashboard}"
     finally:
         _stop_processes_of(temp_dir)
@@ -89,7 +90,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(3)
+        time.sleep(15)  # `ray job logs` itself costs a CPU-second
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
