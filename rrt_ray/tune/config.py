@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from rrt_ray.train.config import _build, apply_override
+from rrt_ray.overrides import apply_override, build
 
 DISTRIBUTIONS = ("loguniform", "uniform")
 SELECT_METRICS = ("heldout_loss",)
@@ -176,7 +176,7 @@ class TuneConfig:
         if unknown:
             raise ValueError(f"unknown tune config section {unknown[0]!r}; valid sections: {', '.join(names)}")
         sections = {"budget": BudgetConfig, "asha": AshaConfig, "select": SelectConfig, "sweep": SweepOptions}
-        kwargs = {name: _build(kind, data.get(name) or {}, f"{name}.") for name, kind in sections.items()}
+        kwargs = {name: build(kind, data.get(name) or {}, f"{name}.") for name, kind in sections.items()}
         return cls(train=data.get("train") or {}, space=data.get("space") or {}, **kwargs)
 
     @classmethod
