@@ -161,6 +161,9 @@ class TuneConfig:
         _require(isinstance(self.train, dict), f"train must be a mapping of TrainConfig sections, got {self.train!r}")
         _require(isinstance(self.space, dict) and bool(self.space), "space must map at least one TrainConfig key (e.g. model.init) to values")
         self.space = {key: parse_dimension(key, value) for key, value in _flatten(self.space).items()}
+        from rrt_ray.tune.space import check_space
+
+        check_space(self)  # every value builds a real TrainConfig and converter spec (no path is read)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

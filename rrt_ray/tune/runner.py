@@ -9,7 +9,7 @@ This is the only module of `rrt_ray.tune` that calls Ray.
   memory: a bundle of zeros is refused by Ray, and memory needs no custom resource on the cluster.
 - Concurrency: `sweep.max_concurrent`, or as many trials as the cluster's CPUs hold worker groups
   (1 on a 2-CPU machine with 2 one-CPU workers): the others queue instead of oversubscribing.
-- ASHA on `heldout_loss` with `tokens_seen` as time (rungs at the token milestones); note that ASHA
+- ASHA on `heldout_loss` with the tokens seen as time (rungs at the token milestones); note that ASHA
   never stops the first trial to reach a rung, so with one trial at a time the order matters.
   `DivergenceStopper` ends a trial at its first report with a non-finite loss or a loss above
   `diverge_factor * ln(vocab)`.

@@ -1,7 +1,8 @@
 """A sweep end to end, for `jobs/tune.py`: plan (checks, no cluster), run on Ray, write the outputs.
 
 `plan_sweep` raises ValueError (or StorageError) for anything a user can get wrong, before a cluster
-is joined: the search space first (no path read), then the teacher's config and the storage paths.
+is joined. The search space was checked when the TuneConfig was built (no path read); here the storage
+paths, the teacher's config and every point's conversion plan are.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Callable
 from rrt_ray import storage
 from rrt_ray.tune import results
 from rrt_ray.tune.config import TuneConfig
-from rrt_ray.tune.space import TrialPlan, _set, check_space, expand, teacher_config
+from rrt_ray.tune.space import TrialPlan, _set, expand, teacher_config
 
 
 def _absolute(uri: str) -> str:
@@ -27,7 +28,6 @@ def _absolute(uri: str) -> str:
 
 def plan_sweep(cfg: TuneConfig) -> tuple[list[TrialPlan], Any]:
     """(the trial plans, the teacher's config), every check done; paths made absolute."""
-    check_space(cfg)  # no path touched yet: a bad value fails in milliseconds
     from rrt_ray.train.prepare import check_data_source
 
     cfg.sweep.storage, cfg.sweep.output = _absolute(cfg.sweep.storage), _absolute(cfg.sweep.output)
