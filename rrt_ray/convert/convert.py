@@ -188,6 +188,39 @@ def _resolve_ranks(shapes: dict[str, tuple[int, int]], spec: ConvertSpec, model_
     return {leaf: min(spec.lora_rank, r) for leaf, r in full.items()}
 
 
+@dataclass
+class ConversionPlan:
+    """What converting a given model with a given spec produces, known before any weight is read."""
+
+    skeleton: RecursiveForCausalLM  # on the meta device
+    original: torch.nn.Module  # the source architecture, on the meta device
+    lora_ranks: dict[str, int]  # projection name -> rank (empty at rank 0)
+
+    @property
+    def params(self) -> dict[str, int]:
+        return self.skeleton.parameter_counts()
+
+    @property
+    def original_params(self) -> int:
+        return self.original.num_parameters()
+
+
+def plan_conversion(text: PreTrainedConfig, spec: ConvertSpec) -> ConversionPlan:
+    """Check spec against the source's config (architecture, loops, ranks) and build both meta models.
+
+    Raises ValueError naming the bad value and what is allowed; reads no weights, so a sweep can check
+    every point of its search space in milliseconds.
+    """
+    check_supported(text)
+    check_loops(text.num_hidden_layers, spec.loops, spec.sharing)
+    with torch.device("meta"):
+        original = AutoModelForCausalLM.from_config(text)
+    ranks = _resolve_ranks(_projection_shapes(original, text.model_type), spec, text.model_type)
+    with torch.device("meta"):
+        skeleton = RecursiveForCausalLM(spec.recursive_config(text, ranks))
+    return ConversionPlan(skeleton, original, ranks)
+
+
 class _LayerGroupConverter:
     """Computes the tensors of one shared layer from the source layers tied to it."""
 
@@ -301,14 +334,8 @@ def _convert_local(
 ) -> ConvertReport:
     out_path = _check_out(out, overwrite)
     src_path = resolve_source(src)
-    text = AutoConfig.from_pretrained(src_path)
-    check_supported(text)
-    check_loops(text.num_hidden_layers, spec.loops, spec.sharing)
-    with torch.device("meta"):
-        original = AutoModelForCausalLM.from_config(text)
-    ranks = _resolve_ranks(_projection_shapes(original, text.model_type), spec, text.model_type)
-    with torch.device("meta"):
-        skeleton = RecursiveForCausalLM(spec.recursive_config(text, ranks))
+    plan = plan_conversion(AutoConfig.from_pretrained(src_path), spec)
+    skeleton, original, ranks = plan.skeleton, plan.original, plan.lora_ranks
     source = SourceCheckpoint(src_path, checkpoint_renames(original))
     config = skeleton.config
     config.dtype = spec.dtype
