@@ -30,12 +30,8 @@ from rrt_ray.devices import check_use_gpu
 from rrt_ray.overrides import valid_keys as _valid_keys
 
 SCHEDULES = ("cosine", "wsd", "constant")
-KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 ZERO_STAGES = (1, 2, 3)
 PRECISIONS = ("fp32", "bf16")
-SHARINGS = ("cycle", "sequence")
-INITS = ("stepwise", "average", "lower")
-LORA_INITS = ("svd", "zero")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -66,10 +62,14 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        from rrt_ray.convert.init_strategies import INIT_STRATEGIES  # the registries: choices are listed once
+        from rrt_ray.convert.lora_init import LORA_INITS
+        from rrt_ray.models.layer_map import SHARING_MODES
+
         _require(self.loops >= 1, f"model.loops must be >= 1, got {self.loops}")
-        _require(self.sharing in SHARINGS, f"model.sharing {self.sharing!r} is not one of {', '.join(SHARINGS)}")
-        _require(self.init in INITS, f"model.init {self.init!r} is not one of {', '.join(INITS)}")
-        _require(self.lora_init in LORA_INITS, f"model.lora_init {self.lora_init!r} is not one of {', '.join(LORA_INITS)}")
+        _require(self.sharing in SHARING_MODES, f"model.sharing {self.sharing!r} is not one of {SHARING_MODES.allowed()}")
+        _require(self.init in INIT_STRATEGIES, f"model.init {self.init!r} is not one of {INIT_STRATEGIES.allowed()}")
+        _require(self.lora_init in LORA_INITS, f"model.lora_init {self.lora_init!r} is not one of {LORA_INITS.allowed()}")
         _require(
             self.lora_rank == "full" or (isinstance(self.lora_rank, int) and self.lora_rank >= 0),
             f"model.lora_rank must be an integer >= 0 or 'full', got {self.lora_rank!r}",
@@ -155,8 +155,10 @@ class KDConfig:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        from rrt_ray.train.losses import KD_LOSSES
+
         _require(0 <= self.weight <= 1, f"kd.weight must be in [0, 1], got {self.weight}")
-        _require(self.loss in KD_LOSSES, f"kd.loss {self.loss!r} is not one of {', '.join(KD_LOSSES)}")
+        _require(self.loss in KD_LOSSES, f"kd.loss {self.loss!r} is not one of {KD_LOSSES.allowed()}")
         _require(self.temperature > 0, f"kd.temperature must be > 0, got {self.temperature}")
 
     @property

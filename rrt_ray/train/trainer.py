@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from rrt_ray import paths
 from rrt_ray.train.config import TrainConfig
@@ -67,8 +67,10 @@ def scaling_config(cfg: TrainConfig) -> Any:
     )
 
 
-def fit(cfg: TrainConfig, train_loop: Callable[[dict], Any] | None = None) -> dict[str, Any]:
+def fit(cfg: TrainConfig, train_loop: Callable[[dict], Any] | None = None, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Run the worker loop on `cfg.run.num_workers` Ray Train workers; return rank 0's final metrics.
+
+    callbacks: Ray Train `UserCallback`s (a Tune trial passes `TuneReportCallback` here).
 
     A run with the same `run.name` and `run.storage` as an earlier one resumes from its last checkpoint.
     Raises RuntimeError with the workers' error on failure (after `run.max_failures` restarts).
@@ -92,6 +94,7 @@ def fit(cfg: TrainConfig, train_loop: Callable[[dict], Any] | None = None) -> di
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             worker_runtime_env={"env_vars": worker_env(cfg)},
+            callbacks=list(callbacks),
         ),
     )
     try:
