@@ -43,6 +43,7 @@ from ray.serve import Application
 from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from rrt_ray.overrides import coerce, field_types
 from rrt_ray.serve.api import ServerSettings
 from rrt_ray.serve.client import EngineUnavailable, Generation, ModelCard, Refused
 from rrt_ray.serve.engine import EngineConfig, RequestOutput
@@ -110,37 +111,20 @@ class ServeAppConfig:
         unknown = set(top) - set(fields)
         if unknown:
             raise ValueError(f"unknown arguments {sorted(unknown)}; allowed: {', '.join(fields)}")
-        top = {k: _coerce(v, fields[k].type) for k, v in top.items()}
-        engine = {k: _coerce(v, _field_type(EngineConfig, k)) for k, v in nested["engine"].items()}
-        server = {k: _coerce(v, _field_type(ServerSettings, k)) for k, v in nested["server"].items()}
+        top = {k: coerce(v, _field_type(cls, k), k) for k, v in top.items()}
+        engine = {k: coerce(v, _field_type(EngineConfig, k), f"engine.{k}") for k, v in nested["engine"].items()}
+        server = {k: coerce(v, _field_type(ServerSettings, k), f"server.{k}") for k, v in nested["server"].items()}
         return cls(**top, engine=EngineConfig(**engine), server=ServerSettings(**server))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _field_type(config_class, name: str) -> str:
-    for f in dataclasses.fields(config_class):
-        if f.name == name:
-            return f.type
-    allowed = ", ".join(f.name for f in dataclasses.fields(config_class))
-    raise ValueError(f"unknown {config_class.__name__} field {name!r}; allowed: {allowed}")
-
-
-def _coerce(value: Any, type_name: Any) -> Any:
-    """CLI arguments arrive as strings: convert them to the field's (annotated) type."""
-    if not isinstance(value, str):
-        return value
-    type_name = str(type_name)
-    if value.lower() in ("none", "null") and "None" in type_name:
-        return None
-    if type_name.startswith("int"):
-        return int(value)
-    if type_name.startswith("float"):
-        return float(value)
-    if type_name.startswith("bool"):
-        return value.lower() in ("1", "true", "yes")
-    return value
+def _field_type(config_class, name: str) -> Any:
+    types = field_types(config_class)
+    if name not in types:
+        raise ValueError(f"unknown {config_class.__name__} field {name!r}; allowed: {', '.join(types)}")
+    return types[name]
 
 
 def load_model(model: str):
