@@ -38,15 +38,27 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
 
 from rrt_ray.serve.kv_cache import KVPool, Span, StepBatch
-from rrt_ray.serve.runner import ModelRunner
+from rrt_ray.serve.runner import WEIGHT_MODES, ModelRunner
 from rrt_ray.serve.sampling import SamplingParams, make_generator, sample_token
 
 KV_FILL_MODES: tuple[str, ...] = ("propagate", "share")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+DTYPES: dict[str, torch.dtype | None] = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto: CUDA when one is visible, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("engine device 'cuda' was asked for, but no CUDA device is visible; allowed here: auto, cpu")
+    return torch.device(device)
 
 
 @dataclass
@@ -58,12 +70,20 @@ class EngineConfig:
         leave (decode tokens always run, so a step can exceed it by at most max_num_seqs).
     max_model_len: prompt + max_tokens of one request; None: the model's max_position_embeddings.
     kv_fill: how an early-exited token's missing deeper keys/values are filled: "propagate" or "share".
+    weights: "lora" (W'x + B_b A_b x) or "merged" (a dense W' + B_b A_b per depth: the original model's
+        arithmetic for B x the relaxed projections' memory); see rrt_ray.serve.runner.
+    device: "auto" (CUDA when visible), "cpu" or "cuda": the model and every tensor the engine makes.
+    dtype: "auto" (the model's own), "float32", "bfloat16" or "float16" (the latter two for GPUs; these
+        CPUs have no fast bf16 path). Exit decisions and sampling always read fp32 logits.
     """
 
     max_num_seqs: int = 16
     max_batch_tokens: int = 256
     max_model_len: int | None = None
     kv_fill: str = "propagate"
+    weights: str = "lora"
+    device: str = "auto"
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -74,6 +94,12 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.kv_fill not in KV_FILL_MODES:
             raise ValueError(f"unknown kv_fill {self.kv_fill!r}; allowed: {', '.join(KV_FILL_MODES)}")
+        if self.weights not in WEIGHT_MODES:
+            raise ValueError(f"unknown weights {self.weights!r}; allowed: {', '.join(WEIGHT_MODES)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; allowed: {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
 
 
 @dataclass
@@ -167,7 +193,9 @@ class Engine:
     ) -> None:
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(model.eval())
+        model = model.eval().to(device=resolve_device(self.config.device), dtype=DTYPES[self.config.dtype])
+        self.runner = ModelRunner(model, weights=self.config.weights)
+        self.device = self.runner.device
         self.exit_policy = exit_policy or ExitPolicy()
         max_positions = getattr(self.runner.text_config, "max_position_embeddings", None)
         self.max_model_len = self.config.max_model_len or max_positions or 2048
@@ -279,24 +307,26 @@ class Engine:
         if n <= 0:
             return 0
         start = request.prefilled
-        ids = torch.tensor(request.prompt_ids[start : start + n])
+        ids = torch.tensor(request.prompt_ids[start : start + n], device=self.device)
         self._inflight.append(_Unit(request, start, ids, emits=start + n == len(request.prompt_ids)))
         request.prefilled += n
         self.stats["prompt_tokens"] += n
         return n
 
-    def _make_batch(self, units: list[_Unit], loops: list[int], fill_only: bool = False) -> StepBatch:
+    def _make_batch(self, units: list[_Unit], loops: list[int]) -> StepBatch:
+        # python lists, one tensor each: a few small host-to-device copies instead of 3 per unit
         seqs, pos, loop_rows, spans, row = [], [], [], [], 0
         for unit, loop in zip(units, loops):
             n = len(unit)
-            seqs.append(torch.full((n,), unit.request.seq))
-            pos.append(torch.arange(unit.start, unit.start + n))
-            loop_rows.append(torch.full((n,), loop))
+            seqs += [unit.request.seq] * n
+            pos += range(unit.start, unit.start + n)
+            loop_rows += [loop] * n
             spans.append(Span((row, row + n), unit.request.seq, unit.start, loop))
             row += n
+        as_tensor = partial(torch.tensor, device=self.device)
         return StepBatch(
-            self.pool, torch.cat(seqs), torch.cat(pos), torch.cat(loop_rows),
-            self.runner.slot_table, spans, fill_only=fill_only,
+            self.pool, as_tensor(seqs), as_tensor(pos), as_tensor(loop_rows),
+            self.runner.slot_table, spans, distinct_loops=sorted(set(loops)),
         )
 
     @torch.no_grad()  # not inference_mode: multi_lora caches checks by tensor version
@@ -344,7 +374,7 @@ class Engine:
             if request.finish_reason is None:  # refill at once: the next token enters loop 1 next step
                 position = request.num_tokens - 1
                 last = request.output_ids[-1]
-                self._inflight.append(_Unit(request, position, torch.tensor([last]), emits=True))
+                self._inflight.append(_Unit(request, position, torch.tensor([last], device=self.device), emits=True))
             outputs.append(self._output(request))
         return outputs
 
@@ -371,16 +401,17 @@ class Engine:
         if not rows:
             return
         self.stats["filled_rows"] += len(rows)
-        seqs = torch.tensor([u.request.seq for u, _ in rows])
-        pos = torch.tensor([u.start + len(u) - 1 for u, _ in rows])
-        loops = torch.tensor([loop for _, loop in rows])
+        as_tensor = partial(torch.tensor, device=self.device)
+        seqs = as_tensor([u.request.seq for u, _ in rows])
+        pos = as_tensor([u.start + len(u) - 1 for u, _ in rows])
+        loops = as_tensor([loop for _, loop in rows])
         if self.config.kv_fill == "share":
-            exit_loops = torch.tensor([u.loops_done - 1 for u, _ in rows])
+            exit_loops = as_tensor([u.loops_done - 1 for u, _ in rows])
             for c in range(self.runner.num_columns):
                 table = self.runner.slot_table[:, c]
                 self.pool.copy(table[exit_loops], table[loops], seqs, pos)
             return
-        batch = StepBatch(self.pool, seqs, pos, loops, self.runner.slot_table, fill_only=True)
+        batch = StepBatch(self.pool, seqs, pos, loops, self.runner.slot_table, fill_only=True, distinct_loops=sorted({l for _, l in rows}))
         self.runner.fill_propagate(torch.stack([u.hidden[-1] for u, _ in rows]), batch)
 
     def _accept_token(self, request: RequestState, logits: torch.Tensor, logprobs: torch.Tensor, loops_run: int) -> None:

@@ -94,6 +94,7 @@ class StepBatch:
     spans: list[Span] = field(default_factory=list)  # every row in exactly one span (unless fill_only)
     fill_only: bool = False  # write keys/values only (early-exit fill), no attention
     column: int = 0  # set by the engine before each layer call
+    distinct_loops: list[int] | None = None  # the loops present, when the caller knows them (no device read)
 
     def __post_init__(self) -> None:
         self._slot_rows = self.slot_table.tolist()  # python ints for the per-span loop
@@ -105,12 +106,12 @@ class StepBatch:
         return self._slot_rows[span.loop][self.column]
 
 
-def _span_mask(start: int, n: int, sliding_window: int | None) -> torch.Tensor | None:
+def _span_mask(start: int, n: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
     """(n, start + n) bool: query i (position start + i) sees keys j <= start + i, inside the window."""
     if n == 1 and (sliding_window is None or start < sliding_window):
         return None  # a single query at the end sees every cached key
-    q = torch.arange(start, start + n)[:, None]  # (n, 1)
-    k = torch.arange(start + n)[None, :]  # (1, L)
+    q = torch.arange(start, start + n, device=device)[:, None]  # (n, 1)
+    k = torch.arange(start + n, device=device)[None, :]  # (1, L)
     mask = k <= q
     if sliding_window is not None:
         mask &= k > q - sliding_window  # HF's sliding_window_overlay
@@ -153,7 +154,7 @@ def engine_attention(
             q[:, r0:r1].unsqueeze(0),  # (1, H, n, hd)
             keys_pool[slot, span.seq, :, :end].unsqueeze(0),  # (1, H_kv, end, hd): a view of the cache
             values_pool[slot, span.seq, :, :end].unsqueeze(0),
-            attn_mask=_span_mask(span.start, r1 - r0, window), scale=scaling, enable_gqa=True,
+            attn_mask=_span_mask(span.start, r1 - r0, window, q.device), scale=scaling, enable_gqa=True,
         )  # (1, H, n, hd)
         out[r0:r1] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None  # (1, T, H, hd), as HF attention functions return

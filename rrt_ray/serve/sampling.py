@@ -98,6 +98,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     """One token from fp32 logits (V,). Greedy ties go to the lowest id, as torch.argmax and HF do."""
     if params.greedy:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    # the request's generator lives on the CPU (its stream must not depend on the device it is batched on)
+    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
     probs = top_p_filter(probs, params.top_p)
     return int(torch.multinomial(probs, 1, generator=generator))
