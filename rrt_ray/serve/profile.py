@@ -103,17 +103,18 @@ class StepProfiler:
 
     def _install(self) -> None:
         import rrt_ray.models.lora as lora_module
+        from rrt_ray.models.lora import RelaxedLoRALinear
         from rrt_ray.models.per_depth import PerDepth
         from rrt_ray.serve import kv_cache
 
         engine, runner = self.engine, self.engine.runner
         for column in runner.columns:
             for module in column.layer.modules():
-                if isinstance(module, nn.Linear) or type(module).__name__ == "RelaxedLoRALinear":
+                if isinstance(module, (nn.Linear, RelaxedLoRALinear)):
                     self._hook_module(module, "matmul")
                 elif isinstance(module, PerDepth) or (
-                    not list(module.children()) and "norm" in type(module).__name__.lower()
-                ) and not _inside_per_depth(module, column.layer):
+                    not list(module.children()) and "norm" in type(module).__name__.lower() and not _inside_per_depth(module, column.layer)
+                ):
                     self._hook_module(module, "norms")
             self._hook_module(column.layer, "layer_other")
         self._patch(lora_module, "multi_lora", "lora")
@@ -121,9 +122,10 @@ class StepProfiler:
         AttentionInterface.register(kv_cache.ATTN_IMPLEMENTATION, self._timed("attention", attention))
         self._undo.append(lambda: AttentionInterface.register(kv_cache.ATTN_IMPLEMENTATION, attention))
         self._patch(engine, "_decide_exits", "exit")
+        self._patch(engine, "_head", "exit")  # drafts, verification and prompt scoring run the head too
         self._patch(engine, "_fill_skipped", "kv_fill")
         self._patch(runner, "run_loop", "layer_other")
-        self._patch(runner, "embed", "layer_other")
+        self._hook_module(runner.embed, "layer_other")
         step = engine.step
 
         def profiled_step():
