@@ -123,6 +123,7 @@ def test_kv_filled_by_propagation_equals_the_reference_computation(model_dirs, k
     prompt = random_prompts([6], seed=4)[0]
     engine = Engine(load(model_dirs[3]), exit_policy=ScheduledExit(schedule))
     engine.runner.kv_only_fill = kv_only_fill
+    engine.pool.retain_released = True  # read the cache after the request finished
     engine.add_request(prompt, SamplingParams(max_tokens=10, ignore_eos=True), request_id="r")
     outs = engine.step()
     seq = engine.running["r"].seq
@@ -143,8 +144,8 @@ def test_kv_filled_by_propagation_equals_the_reference_computation(model_dirs, k
     for slot, layer in enumerate(cache.layers):
         loop = int((table == slot).nonzero()[0, 0])
         n = len(tokens) if loop < exits[-1] else len(tokens) - 1
-        torch.testing.assert_close(engine.pool.keys[slot, seq, :, :n], layer.keys[0, :, :n], rtol=0, atol=1e-4)
-        torch.testing.assert_close(engine.pool.values[slot, seq, :, :n], layer.values[0, :, :n], rtol=0, atol=1e-4)
+        torch.testing.assert_close(engine.pool.keys_of(seq)[slot, :, :n], layer.keys[0, :, :n], rtol=0, atol=1e-4)
+        torch.testing.assert_close(engine.pool.values_of(seq)[slot, :, :n], layer.values[0, :, :n], rtol=0, atol=1e-4)
 
 
 def test_kv_sharing_copies_the_exit_loop_and_differs_from_propagation(model_dirs):
@@ -153,6 +154,7 @@ def test_kv_sharing_copies_the_exit_loop_and_differs_from_propagation(model_dirs
     logprobs = {}
     for mode in ("share", "propagate"):
         engine = Engine(load(model_dirs[3]), config=EngineConfig(kv_fill=mode), exit_policy=ScheduledExit(schedule))
+        engine.pool.retain_released = True
         engine.add_request(prompt, SamplingParams(max_tokens=8, ignore_eos=True), request_id="r")
         outs = engine.step()
         seq = engine.running["r"].seq
@@ -166,8 +168,8 @@ def test_kv_sharing_copies_the_exit_loop_and_differs_from_propagation(model_dirs
                 for skipped in range(loops, 3):
                     for column in range(table.shape[1]):
                         src, dst = table[loops - 1, column], table[skipped, column]
-                        assert torch.equal(engine.pool.keys[dst, seq, :, position], engine.pool.keys[src, seq, :, position])
-                        assert torch.equal(engine.pool.values[dst, seq, :, position], engine.pool.values[src, seq, :, position])
+                        assert torch.equal(engine.pool.keys_of(seq)[dst, :, position], engine.pool.keys_of(seq)[src, :, position])
+                        assert torch.equal(engine.pool.values_of(seq)[dst, :, position], engine.pool.values_of(seq)[src, :, position])
     assert not torch.allclose(logprobs["share"], logprobs["propagate"], atol=1e-3)  # the fill matters
 
 
@@ -357,3 +359,23 @@ def test_classifier_exit_rule_runs_the_lm_head_only_for_tokens_that_leave(model_
         Engine(load(model_dirs[3]), config=EngineConfig(exit_rule="classifier"))
     saved = ExitClassifier.load(classifier.save(model_dirs[3]).parent)
     torch.testing.assert_close(saved.weight, classifier.weight)
+
+
+def test_kv_memory_follows_the_requests_in_flight(model_dirs):
+    """max_num_seqs 16 x max_model_len 2048: two 32-token requests hold <= 1/10 of a dense pool; the pool
+    grows with their tokens and gives the memory back when they leave."""
+    engine = Engine(load(model_dirs[3]), config=EngineConfig(max_num_seqs=16, max_model_len=2048))
+    text = engine.runner.text_config
+    dense = engine.pool.dense_nbytes(text.num_key_value_heads, text.hidden_size // text.num_attention_heads, 4)
+    for rid, prompt in zip("ab", random_prompts([16, 16], seed=34)):
+        engine.add_request(prompt, SamplingParams(max_tokens=16, ignore_eos=True), request_id=rid)
+    sizes = []
+    while engine.has_unfinished():
+        engine.step()
+        sizes.append(engine.pool.nbytes())
+    assert 0 < engine.pool.peak_nbytes <= dense / 10
+    assert sizes[0] < max(sizes)  # grew as tokens arrived
+    assert engine.pool.nbytes() == 0  # and shrank when the requests left
+    engine.add_request(random_prompts([40], seed=35)[0], SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.step()
+    assert engine.pool.nbytes() > 0
