@@ -16,7 +16,6 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for a plain checkout
 
 
 def _numbers(flag: str, text: str, kind=float) -> tuple:

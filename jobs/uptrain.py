@@ -14,12 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for a plain checkout
-
-from rrt_ray.storage import StorageError  # noqa: E402
-from rrt_ray.train.config import TrainConfig  # noqa: E402
+from rrt_ray.storage import StorageError
+from rrt_ray.train.config import TrainConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

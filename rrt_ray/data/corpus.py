@@ -30,11 +30,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+from rrt_ray import paths
+
 SPLITS = ("train", "heldout", "all")
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 HELDOUT_PER_10K = 200  # 2% of documents are held out
 TEXT_COLUMN = "text"
-DEFAULT_CACHE_DIR = "~/.cache/rrt_ray/sources"
+DEFAULT_CACHE_DIR = paths.cache_dir("sources")
 DOC_SOURCE_DIRS = ("/usr/share/doc/python3.11/html/_sources", "/usr/share/doc/python3.11-doc/html/_sources")
 _EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 _GLOB_CHARS = set("*?[")
@@ -109,7 +111,7 @@ def load_texts(
         texts: Iterable[str] = (_read_text_file(path) for key, path in default_corpus_files() if _in_split(key, split))
     elif source.startswith("s3://"):
         texts = _local_texts(_fetch_s3(source, cache_dir), split, source)
-    elif _looks_local(source):
+    elif looks_local(source):
         texts = _local_texts(source, split, source)
     else:
         texts = _hub_texts(source, split)
@@ -122,7 +124,7 @@ def load_texts(
 # ---------------------------------------------------------------- local files
 
 
-def _looks_local(source: str) -> bool:
+def looks_local(source: str) -> bool:
     """An existing path, or one plainly meant as a path (a missing one is then an error, not a hub name)."""
     return (
         source.startswith(("file://", "/", "./", "../", "~"))

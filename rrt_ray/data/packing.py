@@ -73,14 +73,3 @@ def tokenize_cached(texts: Sequence[str], tokenizer: Any, cache_dir: str) -> np.
 def num_sequences(num_tokens: int, seq_len: int) -> int:
     """How many (seq_len + 1)-token sequences, stride seq_len, fit in a stream of num_tokens."""
     return max(0, (num_tokens - 1) // seq_len)
-
-
-def pack_sequences(tokens: np.ndarray, seq_len: int) -> np.ndarray:
-    """A (num_sequences, seq_len + 1) view of the stream: row i is tokens[i*L : i*L + L + 1]."""
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    count = num_sequences(len(tokens), seq_len)
-    if count == 0:
-        return np.zeros((0, seq_len + 1), dtype=tokens.dtype)
-    windows = np.lib.stride_tricks.sliding_window_view(tokens[: count * seq_len + 1], seq_len + 1)
-    return windows[::seq_len]

@@ -100,3 +100,14 @@ def test_bfloat16_storage_loads_and_stays_close(sources, tmp_path):
     tokens = torch.randint(0, VOCAB, (2, 13))
     # bf16 keeps 8 mantissa bits: weights move by ~0.4% relative, logits by ~1e-2 here
     assert (_logits(model, tokens) - _logits(original, tokens)).abs().max() < 5e-2
+
+
+def test_pytorch_bin_source_converts_exactly_with_average_init(sources, tmp_path):
+    """A .bin source is memory-mapped: the average init must not write into the tensors it reads."""
+    _, original = sources["llama"]
+    original.config.save_pretrained(tmp_path / "bin")
+    torch.save({n: t.contiguous() for n, t in original.state_dict().items()}, tmp_path / "bin" / "pytorch_model.bin")
+    convert_checkpoint(str(tmp_path / "bin"), str(tmp_path / "out"), loops=2, init="average", lora_rank="full", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokens = torch.randint(0, VOCAB, (2, 13))
+    assert (_logits(model, tokens) - _logits(original, tokens)).abs().max() < 1e-4

@@ -103,3 +103,19 @@ def test_ray_up_config_and_runtime_env_parse():
     runtime_env = yaml.safe_load((ROOT / "infra/runtime_env.yaml").read_text())
     assert set(runtime_env) <= {"env_vars", "excludes", "working_dir", "pip", "py_modules"}
     assert not any("AWS_" in key for key in runtime_env["env_vars"])  # credentials never in manifests
+
+
+def test_tune_rayjob_runs_a_valid_sweep_of_this_repo_with_the_dashboard_on():
+    from rrt_ray.tune.config import TuneConfig
+    from rrt_ray.tune.space import check_space
+
+    manifest = yaml.safe_load((ROOT / "infra/kuberay/rayjob-tune.yaml").read_text())
+    argv = shlex.split(manifest["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "jobs/tune.py"]
+    config = argv[argv.index("--config") + 1]
+    overrides = argv[argv.index("--config") + 2:]
+    cfg = TuneConfig.load(ROOT / config, overrides)  # the overrides name real keys
+    check_space(cfg)  # and the space is valid (no path is read)
+    assert all(uri.startswith("s3://") for uri in (cfg.sweep.storage, cfg.sweep.output, cfg.train["model"]["teacher"]))
+    head = manifest["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
+    assert head.get("include-dashboard", "true") != "false"  # Tune over Ray Train hangs without it

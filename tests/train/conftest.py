@@ -15,6 +15,18 @@ TINY_VOCAB = 512
 CORPUS_BYTES = 200_000
 
 
+def _weights(model_dir: str):
+    from safetensors.torch import load_file
+
+    return {k: v for file in sorted(Path(model_dir).glob("*.safetensors")) for k, v in load_file(file).items()}
+
+
+@pytest.fixture(scope="session")
+def weights():
+    """weights(model_dir) -> {name: tensor} of every safetensors file of a Hugging Face directory."""
+    return _weights
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> str:
     """An 8-layer random Llama (hidden 64) with a BPE tokenizer trained on a slice of the default corpus."""

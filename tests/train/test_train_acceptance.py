@@ -25,17 +25,11 @@ import psutil
 import pytest
 import torch
 
-from safetensors.torch import load_file
-
 pytestmark = pytest.mark.slow
 BUCKET = "rrt-test"
 VENV_BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
 CORPUS_BYTES = 200_000  # as in conftest.make_config
-
-
-def _weights(export_dir: str) -> dict[str, torch.Tensor]:
-    return {k: v for file in sorted(Path(export_dir).glob("*.safetensors")) for k, v in load_file(file).items()}
 
 
 def _free_port() -> int:
@@ -216,7 +210,7 @@ def _train_workers() -> list[psutil.Process]:
     return workers
 
 
-def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_local, make_config):
+def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_local, make_config, weights):
     from rrt_ray.train.trainer import fit
 
     common = ["zero.stage=2", "data.seq_len=64", "optim.max_steps=40", "run.checkpoint_every=5",
@@ -237,7 +231,7 @@ def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_local, make_con
     assert resumed["resumed_from"] is not None and resumed["resumed_from"] >= 10  # it did restart
     assert resumed["step"] == 40
     assert resumed["data_fingerprint"] == straight["data_fingerprint"]  # no batch lost or repeated
-    a, b = _weights(straight["export_uri"]), _weights(resumed["export_uri"])
+    a, b = weights(straight["export_uri"]), weights(resumed["export_uri"])
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-6, f"final weights differ from the uninterrupted run by {worst}"
 
