@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 
@@ -33,10 +34,12 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the slow imports: either signal interrupts them
+        signal.signal(sig, signal.default_int_handler)
+    args = parse_args(argv)
     from rrt_ray.serve.launch import ServeLauncher, Stopped, install_stop_handlers
 
-    install_stop_handlers()  # before anything slow: a signal during the imports and checks stops us too
-    args = parse_args(argv)
+    install_stop_handlers()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         config = build_config(args)
@@ -50,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(f"serve: {config.model_name} ready at {launcher.url}/v1 (loops: see {launcher.url}/v1/models)", flush=True)
             launcher.wait()
-    except Stopped as stop:
-        print(f"serve: stopped by signal {stop.signum}", file=sys.stderr, flush=True)
+    except (Stopped, KeyboardInterrupt) as stop:
+        print(f"serve: stopped ({getattr(stop, 'signum', 'interrupt')})", file=sys.stderr, flush=True)
         return 0
     return 0
 

@@ -125,6 +125,8 @@ class ConvertReport:
         lines = [f"{'parameters':<12}{'count':>15}{'of original':>13}"]
         for role, n in rows:
             lines.append(f"{role:<12}{n:>15,}{n / self.original_params:>12.1%}")
+        if self.lora_ranks:  # per projection: clipped ones (narrower k/v under GQA) show their own rank
+            lines.append("LoRA rank   " + ", ".join(f"{leaf}={r}" for leaf, r in self.lora_ranks.items()))
         return "\n".join(lines)
 
 
@@ -173,20 +175,17 @@ def _resolve_ranks(shapes: dict[str, tuple[int, int]], spec: ConvertSpec, model_
     targets = sorted(shapes) if spec.lora_targets is None else resolve_projections(spec.lora_targets, set(shapes), model_type)
     if spec.lora_rank == 0:
         return {}
-    ranks = {}
-    for leaf in targets:
-        full = min(shapes[leaf])
-        if spec.lora_rank == "full":
-            ranks[leaf] = full
-        elif spec.lora_rank > full:
-            out_f, in_f = shapes[leaf]
-            raise ValueError(
-                f"--lora-rank {spec.lora_rank} is larger than the {leaf} matrix allows ({out_f}x{in_f}: at most {full}); "
-                "use a smaller rank or 'full'"
-            )
-        else:
-            ranks[leaf] = spec.lora_rank
-    return ranks
+    full = {leaf: min(shapes[leaf]) for leaf in targets}  # a module's full rank: min(d_out, d_in)
+    if spec.lora_rank == "full":
+        return full
+    if spec.lora_rank > max(full.values()):
+        allowed = ", ".join(f"{leaf} {shapes[leaf][0]}x{shapes[leaf][1]}: {r}" for leaf, r in full.items())
+        raise ValueError(
+            f"--lora-rank {spec.lora_rank} is larger than the full rank of every targeted projection ({allowed}); "
+            f"use at most {max(full.values())} or 'full'"
+        )
+    # Narrower matrices (k/v under GQA/MQA) are clipped to their full rank, where they are exact.
+    return {leaf: min(spec.lora_rank, r) for leaf, r in full.items()}
 
 
 @dataclass

@@ -43,11 +43,17 @@ def tokenize_texts(texts: Sequence[str], tokenizer: Any) -> np.ndarray:
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
 
 
-def cache_key(texts: Sequence[str], tokenizer: Any) -> str:
-    """sha256 of the documents (in order) and the tokenizer definition (vocab, merges, specials)."""
-    digest = hashlib.sha256(CACHE_FORMAT.encode())
-    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of what decides the token ids: the full tokenizer definition (vocab, merges, specials) and eos."""
+    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
     digest.update(str(tokenizer.eos_token_id).encode())
+    return digest.hexdigest()
+
+
+def cache_key(texts: Sequence[str], tokenizer: Any) -> str:
+    """sha256 of the documents (in order) and the tokenizer's fingerprint."""
+    digest = hashlib.sha256(CACHE_FORMAT.encode())
+    digest.update(tokenizer_fingerprint(tokenizer).encode())
     for text in texts:
         digest.update(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest())
     return digest.hexdigest()

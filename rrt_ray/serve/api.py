@@ -42,8 +42,8 @@ from rrt_ray.serve.protocol import APIError, ChatCompletionRequest, CompletionRe
 
 logger = logging.getLogger("rrt_ray.serve")
 
-_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error", 405: "bad_request", 413: "invalid_request_error", 503: "overloaded_error"}
-_STATUS_LABELS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "bad_request", 503: "overloaded"}
+_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error", 503: "overloaded_error"}
+_STATUS_LABELS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "bad_request", 413: "bad_request", 503: "overloaded"}
 
 
 @dataclass
@@ -125,6 +125,7 @@ class CompletionAPI:
         app.add_exception_handler(StarletteHTTPException, self._http_error)
         app.add_exception_handler(RequestValidationError, self._request_validation)
         app.add_exception_handler(Exception, self._server_error)
+        app.add_middleware(_ClientGone)
         app.add_api_route("/healthz", self.healthz, methods=["GET"])
         app.add_api_route("/metrics", self.metrics_endpoint, methods=["GET"])
         app.add_api_route("/v1/models", self.models, methods=["GET"])
@@ -153,9 +154,6 @@ class CompletionAPI:
         return self.error_response(request, APIError(400, str(err.errors()[0].get("msg", "invalid request"))))
 
     async def _server_error(self, request: Request, err: Exception) -> JSONResponse:
-        if _is_cancellation(err):  # the client went away while its request ran: nobody reads this answer
-            cancelled(self.outcome(request), err)
-            return JSONResponse(APIError(499, "client closed the request", "cancelled").body(), status_code=499)
         logger.exception("internal error")
         self.outcome(request).record("error")
         body = APIError(500, f"internal server error: {type(err).__name__}", "server_error").body()
@@ -398,7 +396,7 @@ class CompletionAPI:
             if not isinstance(err, Exception):
                 raise
             logger.exception("internal error in a stream")  # a server bug: the client still gets JSON
-            call.outcome.record("cancelled")
+            call.outcome.record("error")
             yield _event(APIError(500, f"internal server error: {type(err).__name__}", "server_error").body())
         finally:
             for stream in streams:
@@ -406,11 +404,32 @@ class CompletionAPI:
         yield "data: [DONE]\n\n"
 
 
+class _ClientGone:
+    """ASGI middleware (inside Starlette's ServerErrorMiddleware): a request that fails because its client
+    went away (Ray Serve raises TaskCancelledError from `receive()`) ends quietly, counted as cancelled,
+    instead of reaching the 500 handler, which would log it and re-raise it into the server."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except Exception as err:
+            if not _is_cancellation(err):
+                raise
+            outcome = scope.get("state", {}).get("rrt_outcome")
+            if outcome is None:
+                logger.debug("client went away (%s)", type(err).__name__)
+            else:
+                cancelled(outcome, err)
+
+
 def cancelled(outcome: _Outcome, err: BaseException) -> None:
     """A client that went away: one DEBUG line, counted as status="cancelled" (never an error)."""
     if not outcome.recorded:
         logger.debug("client went away; request cancelled (%s)", type(err).__name__)
-    outcome.record("error")
+    outcome.record("cancelled")
 
 
 def build_app(client: EngineClient, tokenizer, settings: ServerSettings, api_key: str | None = None) -> FastAPI:

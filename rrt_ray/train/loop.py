@@ -36,7 +36,7 @@ from rrt_ray.train.config import TrainConfig
 from rrt_ray.models import RecursiveForCausalLM
 from rrt_ray.models.early_exit import early_exit_loss, freeze_backbone, loop_exit_logits
 from rrt_ray.train.losses import combined_loss, cross_entropy
-from rrt_ray.train.progress import MetricWindow, log_line
+from rrt_ray.train.progress import EventLog, MetricWindow, log_line
 from rrt_ray.train.schedule import lr_multiplier
 
 DS_TAG = "ds"  # one DeepSpeed tag per Ray checkpoint directory
@@ -166,6 +166,7 @@ class Worker:
     teacher: torch.nn.Module | None
     batches: _Batches
     eval_batches: list[dict[str, torch.Tensor]]
+    events: EventLog
 
 
 @dataclass
@@ -193,6 +194,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     worker = setup_worker(cfg, context.get_world_rank(), context.get_world_size())
     position = resume(worker)
     metrics = train(worker, position)
+    worker.events.close()
     if position.step < cfg.optim.max_steps:  # stopped early on purpose (run.stop_at): no export
         return {**metrics, "stopped_at": position.step}
     metrics.update(export(worker.engine, cfg, worker.tokenizer, worker.rank, worker.eval_batches[:1] or [worker.batches.next()]))
@@ -211,7 +213,8 @@ def setup_worker(cfg: TrainConfig, rank: int, world_size: int) -> Worker:
     if teacher is not None:
         teacher.to(engine.device)
     eval_batches = [_to_device(batch, engine.device) for batch in eval_batches]
-    return Worker(cfg, rank, world_size, tokenizer, engine, scheduler, teacher, batches, eval_batches)
+    events = EventLog(cfg.run.storage, cfg.run.name, cfg.run.workdir, rank)
+    return Worker(cfg, rank, world_size, tokenizer, engine, scheduler, teacher, batches, eval_batches, events)
 
 
 def load_models(cfg: TrainConfig, workdir: Path) -> tuple[Any, torch.nn.Module, torch.nn.Module | None]:
@@ -350,6 +353,7 @@ def report(worker: Worker, position: Position, due: dict[str, bool], window: dic
         metrics["heldout_loss"] = math.log(metrics["heldout_ppl"])
     if worker.rank == 0:
         print(log_line(cfg.run.name, metrics, stop_at), flush=True)
+        worker.events.write(metrics)
     if due["checkpoint"]:
         _save_and_report(worker.engine, cfg, metrics, worker.rank, worker.batches.state_dict(), position.fingerprint, position.step)
     else:

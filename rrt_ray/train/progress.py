@@ -9,6 +9,7 @@ steady tokens/s and of the time-remaining estimate.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,3 +70,47 @@ def log_line(name: str, metrics: dict[str, Any], stop_at: int) -> str:
         parts.append(f"held-out loss {metrics['heldout_loss']:.4f} (ppl {metrics['heldout_ppl']:.2f})")
     parts += [f"lr {metrics['lr']:.3g}", f"{metrics['tokens_per_s']:,.0f} tokens/s", f"{format_duration(metrics['seconds_left'])} left"]
     return " | ".join(parts)
+
+
+EVENT_SCALARS = ("loss", "ce_loss", "kd_loss", "final_ce_loss", "heldout_loss", "heldout_ppl", "lr", "tokens_per_s")
+EVENTS_DIR = "tensorboard"
+
+
+class EventLog:
+    """TensorBoard events of a run, written by rank 0 under `<run.storage>/<run.name>/tensorboard`
+    (`tensorboard --logdir <run.storage>`). With s3:// storage the events are written to the worker's
+    scratch and uploaded at every report, so the bucket always holds the curves so far."""
+
+    def __init__(self, storage_root: str, name: str, workdir: str, rank: int) -> None:
+        from rrt_ray import storage
+
+        self.writer, self.remote = None, None
+        if rank != 0:
+            return
+        from tensorboardX import SummaryWriter
+
+        run_dir = storage.join(storage_root, name, EVENTS_DIR)
+        if storage.is_remote(run_dir):
+            self.remote, local = run_dir, Path(workdir).expanduser() / EVENTS_DIR / name
+        else:
+            local = Path(run_dir).expanduser()
+        local.mkdir(parents=True, exist_ok=True)
+        self.local = local
+        self.writer = SummaryWriter(logdir=str(local), flush_secs=3600)
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        for key in EVENT_SCALARS:
+            if metrics.get(key) is not None:
+                self.writer.add_scalar(f"train/{key}", float(metrics[key]), metrics["step"])
+        self.writer.flush()
+        if self.remote is not None:
+            from rrt_ray import storage
+
+            for path in self.local.iterdir():
+                storage.write_bytes(storage.join(self.remote, path.name), path.read_bytes())
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

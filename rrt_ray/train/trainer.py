@@ -84,7 +84,7 @@ def fit(cfg: TrainConfig, train_loop: Callable[[dict], Any] | None = None, callb
     storage_path, filesystem = ray_storage(cfg.run.storage)
     trainer = TorchTrainer(
         train_loop or train_loop_per_worker,
-        train_loop_config={"train": cfg.to_dict()},
+        train_loop_config={"train": _absolute_paths(cfg)},
         torch_config=TorchConfig(),  # backend None: Ray picks nccl when each worker holds a GPU, else gloo
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
@@ -104,6 +104,17 @@ def fit(cfg: TrainConfig, train_loop: Callable[[dict], Any] | None = None, callb
     if result.error is not None:
         raise RuntimeError(f"training run {cfg.run.name!r} failed: {_root_cause(result.error)}")
     return dict(result.return_value or result.metrics or {})
+
+
+def _absolute_paths(cfg: TrainConfig) -> dict[str, Any]:
+    """cfg as a dict with local storage/output made absolute here: workers do not share the driver's cwd."""
+    from rrt_ray import storage
+
+    data = cfg.to_dict()
+    for key in ("storage", "output"):
+        if not storage.is_remote(data["run"][key]):
+            data["run"][key] = str(Path(data["run"][key]).expanduser().resolve())
+    return data
 
 
 def _root_cause(err: BaseException) -> str:

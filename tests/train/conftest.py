@@ -72,7 +72,7 @@ def ray_local():
     started = not ray.is_initialized()
     if started:
         dummy_keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-        ray.init(num_cpus=2, log_to_driver=False, runtime_env={"env_vars": dummy_keys})
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": dummy_keys})
     yield
     if started:
         ray.shutdown()

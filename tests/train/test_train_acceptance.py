@@ -210,15 +210,32 @@ def _train_workers() -> list[psutil.Process]:
     return workers
 
 
-def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_local, make_config, weights):
+@pytest.fixture(scope="session")
+def local_token_set(ray_local, tiny_teacher, tmp_path_factory) -> str:
+    """The conftest corpus slice as .txt files, tokenised by the Ray Data job into small shards."""
+    from rrt_ray import data
+    from rrt_ray.data.token_sets import build_token_set
+
+    root = tmp_path_factory.mktemp("token-set")
+    for i, text in enumerate(data.load_texts("default", "all", CORPUS_BYTES)):
+        (root / "corpus").mkdir(exist_ok=True)
+        (root / "corpus" / f"doc{i:04d}.txt").write_text(text)
+    build_token_set(str(root / "corpus"), tiny_teacher, str(root / "tokens"), shard_tokens=8192, num_workers=2, log=lambda line: None)
+    return str(root / "tokens")
+
+
+@pytest.mark.parametrize("source", ["text", "token_set"])
+def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_local, make_config, weights, request, source):
     from rrt_ray.train.trainer import fit
 
     common = ["zero.stage=2", "data.seq_len=64", "optim.max_steps=40", "run.checkpoint_every=5",
               "run.log_every=5", "run.eval_every=20", "run.max_failures=2"]
-    straight = fit(make_config(*common, "run.name=ft-straight"))
+    if source == "token_set":  # workers stream the shards instead of tokenising text
+        common += [f"data.source={request.getfixturevalue('local_token_set')}", "data.max_bytes=null"]
+    straight = fit(make_config(*common, f"run.name=ft-straight-{source}"))
 
-    cfg = make_config(*common, "run.name=ft-killed")
-    latest = Path(cfg.run.storage) / "ft-killed" / "latest"
+    cfg = make_config(*common, f"run.name=ft-killed-{source}")
+    latest = Path(cfg.run.storage) / f"ft-killed-{source}" / "latest"
     thread, box = _run_in_thread(fit, cfg)
     _wait_for(lambda: latest.is_file() and latest.read_text().strip() >= "step_00000010", 300, "checkpoint at step 10")
     victims = _train_workers()
@@ -234,6 +251,7 @@ def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_local, make_con
     a, b = weights(straight["export_uri"]), weights(resumed["export_uri"])
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-6, f"final weights differ from the uninterrupted run by {worst}"
+    assert resumed["loss"] == pytest.approx(straight["loss"], abs=1e-6)
 
 
 def test_s3_down_during_checkpoint_upload_keeps_latest(ray_local, make_config, s3_server):

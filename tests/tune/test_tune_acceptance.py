@@ -131,7 +131,8 @@ def sweep(tmp_path_factory, tiny_teacher):
         _wait_for(lambda: f"tune: {TRIALS[1]} started" in first_logs(), 900, "the second trial to start")
         stop = _ray(env, "job", "stop", "--address", address, job_id, timeout=120)
         assert stop.returncode == 0, stop.stderr[-2000:]
-        _wait_for(lambda: "STOPPED" in _ray(env, "job", "status", "--address", address, job_id, timeout=60).stdout, 120, "the job to stop")
+        status = lambda: _ray(env, "job", "status", "--address", address, job_id, timeout=60).stdout  # noqa: E731
+        _wait_for(lambda: any(word in status() for word in ("STOPPED", "FAILED", "SUCCEEDED")), 600, "the job to end")
         interrupted_log = first_logs()
         second = _ray(env, "job", "submit", "--address", address, *entry)
     out = Path(config["sweep"]["output"]) / "accept"

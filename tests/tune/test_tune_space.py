@@ -98,13 +98,14 @@ def test_rows_status_pareto_and_selection():
         results.trial_row(_plan("small", 400), finished, None, 100, 9.0),
         results.trial_row(_plan("big-better", 800), {**finished, "heldout_loss": 4.0}, None, 100, 9.0),
         results.trial_row(_plan("big-worse", 900), {**finished, "heldout_loss": 4.5}, None, 100, 9.0),
+        results.trial_row(_plan("small-worse", 400), {**finished, "heldout_loss": 5.5}, None, 100, 9.0),  # a tie in size
         results.trial_row(_plan("diverged", 400), {"heldout_loss": 30.0, "loss": 50.0, "tokens_seen": 50}, None, 100, 9.0),
         results.trial_row(_plan("cut", 400), {"heldout_loss": 6.0, "loss": 6.0, "tokens_seen": 50}, None, 100, 9.0),
         results.trial_row(_plan("broken", 400), {}, "RuntimeError: boom", 100, 9.0),
     ]
     results.mark_pareto(rows)
     by = {r["trial"]: r for r in rows}
-    assert [by[n]["status"] for n in by] == ["finished"] * 3 + ["stopped early"] * 2 + ["failed"]
+    assert [by[n]["status"] for n in by] == ["finished"] * 4 + ["stopped early"] * 2 + ["failed"]
     assert by["diverged"]["note"].startswith("diverged") and by["cut"]["note"].startswith("ASHA")
     assert [n for n in by if by[n]["pareto"]] == ["small", "big-better"]
     assert results.select_best(rows, 1.0)["trial"] == "big-better"
