@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -150,8 +151,10 @@ class ServeLauncher:
             finally:
                 ray.shutdown()
             return
-        if ray.is_initialized():
-            ray.shutdown()  # stops the raylet and GCS this driver started; workers follow them
-        kill_owned(self.owner)  # what is left of ours (never another cluster's processes)
+        if ray.is_initialized():  # stops the raylet and GCS this driver started; bounded: on a loaded
+            stopper = threading.Thread(target=ray.shutdown, daemon=True)  # machine it can take long
+            stopper.start()
+            stopper.join(timeout=4.0)
+        kill_owned(self.owner, grace_s=1.5)  # what is left of ours (never another cluster's processes)
         if self._temp_dir:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
