@@ -125,6 +125,8 @@ class ConvertReport:
         lines = [f"{'parameters':<12}{'count':>15}{'of original':>13}"]
         for role, n in rows:
             lines.append(f"{role:<12}{n:>15,}{n / self.original_params:>12.1%}")
+        if self.lora_ranks:  # per projection: clipped ones (narrower k/v under GQA) show their own rank
+            lines.append("LoRA rank   " + ", ".join(f"{leaf}={r}" for leaf, r in self.lora_ranks.items()))
         return "\n".join(lines)
 
 
@@ -173,20 +175,50 @@ def _resolve_ranks(shapes: dict[str, tuple[int, int]], spec: ConvertSpec, model_
     targets = sorted(shapes) if spec.lora_targets is None else resolve_projections(spec.lora_targets, set(shapes), model_type)
     if spec.lora_rank == 0:
         return {}
-    ranks = {}
-    for leaf in targets:
-        full = min(shapes[leaf])
-        if spec.lora_rank == "full":
-            ranks[leaf] = full
-        elif spec.lora_rank > full:
-            out_f, in_f = shapes[leaf]
-            raise ValueError(
-                f"--lora-rank {spec.lora_rank} is larger than the {leaf} matrix allows ({out_f}x{in_f}: at most {full}); "
-                "use a smaller rank or 'full'"
-            )
-        else:
-            ranks[leaf] = spec.lora_rank
-    return ranks
+    full = {leaf: min(shapes[leaf]) for leaf in targets}  # a module's full rank: min(d_out, d_in)
+    if spec.lora_rank == "full":
+        return full
+    if spec.lora_rank > max(full.values()):
+        allowed = ", ".join(f"{leaf} {shapes[leaf][0]}x{shapes[leaf][1]}: {r}" for leaf, r in full.items())
+        raise ValueError(
+            f"--lora-rank {spec.lora_rank} is larger than the full rank of every targeted projection ({allowed}); "
+            f"use at most {max(full.values())} or 'full'"
+        )
+    # Narrower matrices (k/v under GQA/MQA) are clipped to their full rank, where they are exact.
+    return {leaf: min(spec.lora_rank, r) for leaf, r in full.items()}
+
+
+@dataclass
+class ConversionPlan:
+    """What converting a given model with a given spec produces, known before any weight is read."""
+
+    skeleton: RecursiveForCausalLM  # on the meta device
+    original: torch.nn.Module  # the source architecture, on the meta device
+    lora_ranks: dict[str, int]  # projection name -> rank (empty at rank 0)
+
+    @property
+    def params(self) -> dict[str, int]:
+        return self.skeleton.parameter_counts()
+
+    @property
+    def original_params(self) -> int:
+        return self.original.num_parameters()
+
+
+def plan_conversion(text: PreTrainedConfig, spec: ConvertSpec) -> ConversionPlan:
+    """Check spec against the source's config (architecture, loops, ranks) and build both meta models.
+
+    Raises ValueError naming the bad value and what is allowed; reads no weights, so a sweep can check
+    every point of its search space in milliseconds.
+    """
+    check_supported(text)
+    check_loops(text.num_hidden_layers, spec.loops, spec.sharing)
+    with torch.device("meta"):
+        original = AutoModelForCausalLM.from_config(text)
+    ranks = _resolve_ranks(_projection_shapes(original, text.model_type), spec, text.model_type)
+    with torch.device("meta"):
+        skeleton = RecursiveForCausalLM(spec.recursive_config(text, ranks))
+    return ConversionPlan(skeleton, original, ranks)
 
 
 class _LayerGroupConverter:
@@ -302,14 +334,8 @@ def _convert_local(
 ) -> ConvertReport:
     out_path = _check_out(out, overwrite)
     src_path = resolve_source(src)
-    text = AutoConfig.from_pretrained(src_path)
-    check_supported(text)
-    check_loops(text.num_hidden_layers, spec.loops, spec.sharing)
-    with torch.device("meta"):
-        original = AutoModelForCausalLM.from_config(text)
-    ranks = _resolve_ranks(_projection_shapes(original, text.model_type), spec, text.model_type)
-    with torch.device("meta"):
-        skeleton = RecursiveForCausalLM(spec.recursive_config(text, ranks))
+    plan = plan_conversion(AutoConfig.from_pretrained(src_path), spec)
+    skeleton, original, ranks = plan.skeleton, plan.original, plan.lora_ranks
     source = SourceCheckpoint(src_path, checkpoint_renames(original))
     config = skeleton.config
     config.dtype = spec.dtype

@@ -14,15 +14,14 @@ def converted(tmp_path_factory):
     original = tiny_model("llama")
     original.save_pretrained(root / "src")
     out = {"original": original}
-    for loops in (2, 3):
-        convert_checkpoint(str(root / "src"), str(root / f"l{loops}"), loops=loops, lora_rank=8, progress=False)
-        out[loops] = AutoModelForCausalLM.from_pretrained(root / f"l{loops}").eval()
-        convert_checkpoint(str(root / "src"), str(root / f"f{loops}"), loops=loops, lora_rank="full", progress=False)
-        out[f"full{loops}"] = AutoModelForCausalLM.from_pretrained(root / f"f{loops}").eval()
+    for name, loops, sharing in ((2, 2, "cycle"), (3, 3, "cycle"), ("mid2", 2, "middle_cycle")):
+        for rank, key in ((8, name), ("full", f"full{name}")):
+            convert_checkpoint(str(root / "src"), str(root / str(key)), loops=loops, sharing=sharing, lora_rank=rank, progress=False)
+            out[key] = AutoModelForCausalLM.from_pretrained(root / str(key)).eval()
     return out
 
 
-@pytest.mark.parametrize("loops", [2, 3])
+@pytest.mark.parametrize("loops", [2, 3, "mid2"])
 def test_greedy_generate_with_cache_equals_without(converted, loops):
     model = converted[loops]
     prompt = torch.randint(0, VOCAB, (2, 7))
@@ -32,7 +31,7 @@ def test_greedy_generate_with_cache_equals_without(converted, loops):
     assert torch.equal(with_cache, without)
 
 
-@pytest.mark.parametrize("loops", [2, 3])
+@pytest.mark.parametrize("loops", [2, 3, "mid2"])  # mid2: middle_cycle, 2 loops over layers 2-5
 def test_every_unrolled_position_has_its_own_cache_slot(converted, loops):
     """At full rank unrolled position l IS original layer l, so cache slot l must hold exactly the keys and
     values the original model caches at layer l: a loop overwriting another's slot, or a wrong slot map, fails."""
