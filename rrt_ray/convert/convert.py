@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from rrt_ray import storage
 from rrt_ray.convert.init_strategies import INIT_STRATEGIES, init_source_layers
+from rrt_ray.convert.gguf_import import resolve_model_path
 from rrt_ray.convert.source import SourceCheckpoint, checkpoint_renames, resolve_source
 from rrt_ray.convert.svd import truncated_svd
 from rrt_ray.models.arch import check_supported, layers_path, resolve_projections
@@ -257,7 +258,7 @@ def convert_checkpoint(
         report.seconds = time.perf_counter() - started
         return report
     out_path = _check_out(out, overwrite)
-    src_path = resolve_source(src)
+    src_path = resolve_source(resolve_model_path(src))  # a .gguf SRC is imported once, cached by content
     text = AutoConfig.from_pretrained(src_path)
     check_supported(text)
     check_loops(text.num_hidden_layers, loops)
