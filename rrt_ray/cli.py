@@ -3,6 +3,7 @@
     rrt convert SRC OUT --loops B [--sharing cycle|sequence] [--init stepwise|average|lower]
                 [--lora-rank R|full|0] [--lora-init svd|zero] [--dtype float32|bfloat16]
     rrt import SRC.gguf OUT [--dtype float32|bfloat16]     (rrt_ray/convert/gguf_import.py)
+    rrt fetch smollm2-135m [--root out/models]            (rrt_ray/convert/fetch.py)
 
 Errors a user can cause print one line naming the bad value and what is allowed, and exit with 2.
 """
@@ -68,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rrt", description="Relaxed Recursive Transformers on Ray")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(sub)
+    from rrt_ray.convert.fetch import add_fetch_command
     from rrt_ray.convert.gguf_import import add_import_command
 
     add_import_command(sub)
+    add_fetch_command(sub)
     return parser
 
 
