@@ -1,9 +1,11 @@
 """The `rrt` console script: one subcommand per pipeline stage.
 
-    rrt convert SRC OUT --loops B [--sharing cycle|sequence] [--init stepwise|average|lower]
-                [--lora-rank R|full|0] [--lora-init svd|zero] [--dtype float32|bfloat16]
+    rrt convert SRC OUT --loops B [--sharing MODE] [--init STRATEGY] [--lora-rank R|full|0] [--lora-init INIT]
     rrt import SRC.gguf OUT [--dtype float32|bfloat16]     (rrt_ray/convert/gguf_import.py)
     rrt fetch smollm2-135m [--root out/models]            (rrt_ray/convert/fetch.py)
+
+The choices of --sharing, --init and --lora-init are the registries SHARING_MODES, INIT_STRATEGIES and
+LORA_INITS (`rrt convert --help` lists them): a registered entry is a choice here without editing this file.
 
 Errors a user can cause print one line naming the bad value and what is allowed, and exit with 2.
 """
@@ -13,9 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rrt_ray.convert.convert import DTYPES
 from rrt_ray.convert.init_strategies import INIT_STRATEGIES
-from rrt_ray.models.config import LORA_INITS
-from rrt_ray.models.layer_map import SHARING_CHOICES
+from rrt_ray.convert.lora_init import LORA_INITS
+from rrt_ray.models.layer_map import SHARING_MODES
 from rrt_ray.storage import StorageError
 
 
@@ -28,14 +31,15 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", metavar="SRC", help="Hugging Face model directory, hub id, or s3:// URI")
     p.add_argument("out", metavar="OUT", help="output directory or s3:// URI (written atomically)")
     p.add_argument("--loops", type=int, required=True, help="B: how many times the shared block runs (divides the layer count)")
-    p.add_argument("--sharing", choices=SHARING_CHOICES, default="cycle", help="loop the whole block (cycle) or repeat each layer (sequence)")
-    p.add_argument("--init", choices=list(INIT_STRATEGIES), default="average", help="shared-layer initialisation (default: average)")
+    sharing_help = "; ".join(SHARING_MODES.get(name).help or name for name in SHARING_MODES)
+    p.add_argument("--sharing", choices=SHARING_MODES.names(), default="cycle", help=f"{sharing_help} (default: cycle)")
+    p.add_argument("--init", choices=INIT_STRATEGIES.names(), default="average", help=f"shared-layer initialisation: {INIT_STRATEGIES.allowed()} (default: average)")
     p.add_argument("--lora-rank", default="0", help="per-depth LoRA rank: an integer, 0 for a plain recursive model, or 'full' (exact)")
-    p.add_argument("--lora-init", choices=LORA_INITS, default="svd", help="truncated SVD of the residual, or zero")
+    p.add_argument("--lora-init", choices=LORA_INITS.names(), default="svd", help=f"LoRA initialisation: {LORA_INITS.allowed()} (svd: truncated SVD of the residual; default: svd)")
     p.add_argument("--lora-targets", default=None, help="comma-separated projections (q,k,v,o,gate,up,down or module names); default: all")
     p.add_argument("--lora-scale", type=float, default=1.0, help="h = W'x + scale * B A x (default 1)")
     p.add_argument("--share-non-lora", action="store_true", help="share norm weights and biases across depths (not exact)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="storage dtype of the output")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="storage dtype of the output")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_convert)

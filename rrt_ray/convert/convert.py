@@ -13,6 +13,7 @@ a temporary sibling of OUT and renamed into place at the end: a failed conversio
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -30,11 +31,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from rrt_ray import storage
 from rrt_ray.convert.init_strategies import INIT_STRATEGIES, init_source_layers
 from rrt_ray.convert.gguf_import import resolve_model_path
+from rrt_ray.convert.lora_init import LORA_INITS, LoRAInitInput
 from rrt_ray.convert.source import SourceCheckpoint, checkpoint_renames, resolve_source
-from rrt_ray.convert.svd import truncated_svd
 from rrt_ray.models.arch import check_supported, layers_path, resolve_projections
-from rrt_ray.models.config import LORA_INITS, RecursiveConfig
-from rrt_ray.models.layer_map import SHARING_CHOICES, check_loops, tied_layers
+from rrt_ray.models.config import RecursiveConfig
+from rrt_ray.models.layer_map import SHARING_MODES, check_loops, tied_layers
 from rrt_ray.models.lora import RelaxedLoRALinear
 from rrt_ray.models.per_depth import PerDepth
 from rrt_ray.models.recursive import RecursiveForCausalLM
@@ -77,12 +78,9 @@ class ConvertSpec:
                 raise ValueError(f"--lora-rank must be an integer >= 0 or 'full', got {self.lora_rank!r}") from None
         if isinstance(self.lora_rank, int) and self.lora_rank < 0:
             raise ValueError(f"--lora-rank must be an integer >= 0 or 'full', got {self.lora_rank}")
-        if self.sharing not in SHARING_CHOICES:
-            raise ValueError(f"unknown sharing {self.sharing!r}; allowed: {', '.join(SHARING_CHOICES)}")
-        if self.init not in INIT_STRATEGIES:
-            raise ValueError(f"unknown init {self.init!r}; allowed: {', '.join(INIT_STRATEGIES)}")
-        if self.lora_init not in LORA_INITS:
-            raise ValueError(f"unknown lora init {self.lora_init!r}; allowed: {', '.join(LORA_INITS)}")
+        SHARING_MODES.check(self.sharing)
+        INIT_STRATEGIES.check(self.init)
+        LORA_INITS.check(self.lora_init)
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
         if self.loops < 1:
@@ -174,18 +172,13 @@ class _LayerGroupConverter:
             shared_bias = module.bias.dim() == 1
             tensors["bias"] = self._mean(self.init_from[k], f"{rel}.bias") if shared_bias else self._stack(k, f"{rel}.bias")
         if module.rank > 0:
+            init = LORA_INITS.get(self.spec.lora_init)
             lora_a, lora_b = [], []
             for depth, layer in enumerate(self.tied[k]):
-                if self.spec.lora_init == "svd":
-                    residual = self.source.get(f"{self.prefix}.{layer}.{rel}.weight") - shared
-                    us, vh = truncated_svd(residual, module.rank, seed=k * 1000 + depth)
-                    lora_a.append(vh)
-                    lora_b.append(us / self.scale)
-                else:  # zero: the usual LoRA start, B A = 0 with a random A so that B gets gradients
-                    a = torch.empty(module.rank, module.in_features)
-                    torch.nn.init.kaiming_uniform_(a, a=5**0.5, generator=torch.Generator().manual_seed(k * 1000 + depth))
-                    lora_a.append(a)
-                    lora_b.append(torch.zeros(module.out_features, module.rank))
+                original = functools.partial(self.source.get, f"{self.prefix}.{layer}.{rel}.weight")
+                a, b = init(LoRAInitInput(original, shared, module.rank, self.scale, seed=k * 1000 + depth))
+                lora_a.append(a)
+                lora_b.append(b)
             tensors["lora_a"] = torch.stack(lora_a)  # (B, r, d_in)
             tensors["lora_b"] = torch.stack(lora_b)  # (B, d_out, r)
         return tensors
@@ -261,7 +254,7 @@ def convert_checkpoint(
     src_path = resolve_source(resolve_model_path(src))  # a .gguf SRC is imported once, cached by content
     text = AutoConfig.from_pretrained(src_path)
     check_supported(text)
-    check_loops(text.num_hidden_layers, loops)
+    check_loops(text.num_hidden_layers, loops, sharing)
 
     def build(ranks: dict[str, int]) -> RecursiveForCausalLM:
         config = RecursiveConfig(

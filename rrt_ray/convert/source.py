@@ -17,6 +17,11 @@ SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
 BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """'org/name' (one slash, not a relative or absolute path): taken as a Hugging Face hub id."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
 def resolve_source(src: str) -> Path:
     """A local directory, or a hub id fetched with huggingface_hub (needs network)."""
     path = Path(src).expanduser()
@@ -26,8 +31,7 @@ def resolve_source(src: str) -> Path:
         return path
     if path.exists():
         raise ValueError(f"SRC {src!r} is a file; give a Hugging Face model directory or hub id")
-    looks_like_hub_id = src.count("/") == 1 and not src.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
+    if not looks_like_hub_id(src):
         raise ValueError(f"SRC {src!r} does not exist (expected a local model directory, a hub id or s3:// URI)")
     from huggingface_hub import snapshot_download
 

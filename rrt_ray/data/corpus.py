@@ -109,7 +109,7 @@ def load_texts(
         texts: Iterable[str] = (_read_text_file(path) for key, path in default_corpus_files() if _in_split(key, split))
     elif source.startswith("s3://"):
         texts = _local_texts(_fetch_s3(source, cache_dir), split, source)
-    elif _looks_local(source):
+    elif looks_local(source):
         texts = _local_texts(source, split, source)
     else:
         texts = _hub_texts(source, split)
@@ -122,7 +122,7 @@ def load_texts(
 # ---------------------------------------------------------------- local files
 
 
-def _looks_local(source: str) -> bool:
+def looks_local(source: str) -> bool:
     """An existing path, or one plainly meant as a path (a missing one is then an error, not a hub name)."""
     return (
         source.startswith(("file://", "/", "./", "../", "~"))

@@ -10,23 +10,22 @@ from __future__ import annotations
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from rrt_ray.models.layer_map import SHARING_CHOICES, check_loops
-
-INIT_STRATEGIES: tuple[str, ...] = ("stepwise", "average", "lower")
-LORA_INITS: tuple[str, ...] = ("svd", "zero")
+from rrt_ray.models.layer_map import SHARING_MODES, check_loops
 
 
 class RecursiveConfig(PreTrainedConfig):
     r"""
     text_config: the original decoder's config (any Hugging Face causal LM whose layers share one shape).
     num_loops: B, how many times the block of K = N / B shared layers runs.
-    sharing: "cycle" (loop the whole block) or "sequence" (repeat each shared layer B times in a row).
+    sharing: a mode of rrt_ray.models.layer_map.SHARING_MODES ("cycle": loop the whole block, "sequence":
+        repeat each shared layer B times in a row, ...).
     lora_rank: LoRA rank per linear projection, keyed by the projection's module name inside a decoder
         layer ("q_proj", "down_proj", "query_key_value", ...). A projection not listed has rank 0.
     lora_scale: h = W'x + lora_scale * B A x.
     share_non_lora: share norm weights and biases across depths (the paper's ablation) instead of one
         copy per depth (the default, which keeps full-rank conversion exact).
-    init_strategy, lora_init: how the weights were initialised (provenance; read by `rrt convert`).
+    init_strategy, lora_init: how the weights were initialised (provenance; read by `rrt convert`), names in
+        rrt_ray.convert.init_strategies.INIT_STRATEGIES and rrt_ray.convert.lora_init.LORA_INITS.
     """
 
     model_type = "rrt_recursive"
@@ -45,16 +44,18 @@ class RecursiveConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.lora_rank is None:
             self.lora_rank = {}
-        if self.sharing not in SHARING_CHOICES:
-            raise ValueError(f"unknown sharing {self.sharing!r}; allowed: {', '.join(SHARING_CHOICES)}")
-        if self.init_strategy not in INIT_STRATEGIES:
-            raise ValueError(f"unknown init {self.init_strategy!r}; allowed: {', '.join(INIT_STRATEGIES)}")
-        if self.lora_init not in LORA_INITS:
-            raise ValueError(f"unknown lora init {self.lora_init!r}; allowed: {', '.join(LORA_INITS)}")
+        # The init registries live with their implementations in rrt_ray.convert, which imports this
+        # module: read them at validation time, not at import.
+        from rrt_ray.convert.init_strategies import INIT_STRATEGIES
+        from rrt_ray.convert.lora_init import LORA_INITS
+
+        SHARING_MODES.check(self.sharing)
+        INIT_STRATEGIES.check(self.init_strategy)
+        LORA_INITS.check(self.lora_init)
         bad = {name: r for name, r in self.lora_rank.items() if not isinstance(r, int) or r < 0}
         if bad:
             raise ValueError(f"LoRA ranks must be integers >= 0, got {bad}")
-        check_loops(self.text_config.num_hidden_layers, self.num_loops)
+        check_loops(self.text_config.num_hidden_layers, self.num_loops, self.sharing)
         # Generation reads special tokens from the top-level config.
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(self, name, None) is None and getattr(self.text_config, name, None) is not None:
@@ -62,4 +63,4 @@ class RecursiveConfig(PreTrainedConfig):
 
     @property
     def num_shared_layers(self) -> int:
-        return self.text_config.num_hidden_layers // self.num_loops
+        return check_loops(self.text_config.num_hidden_layers, self.num_loops, self.sharing)

@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from rrt_ray.models.arch import arch_spec
+from rrt_ray.models.layer_map import SHARING_MODES
 from rrt_ray.models.lora import RelaxedLoRALinear
 from rrt_ray.models.per_depth import PerDepth
 from rrt_ray.models.recursive import RecursiveForCausalLM
@@ -35,16 +37,13 @@ def exit_weights(schedule: str, loops: int) -> list[float]:
 
 
 def final_norm(model: RecursiveForCausalLM) -> torch.nn.Module:
-    inner = model.backbone.base_model
-    norm = getattr(inner, "norm", None) or getattr(inner, "final_layer_norm", None)
-    if norm is None:
-        raise ValueError(f"{model.config.text_config.model_type}: no final norm found for the exit heads")
-    return norm
+    """The norm before the LM head, where the family's ArchSpec says it is (every exit head reuses it)."""
+    return arch_spec(model.config.text_config.model_type).module(model.backbone, "final_norm")
 
 
 def loop_exit_logits(model: RecursiveForCausalLM, input_ids: torch.Tensor, **kwargs) -> list[torch.Tensor]:
     """Logits (B, L, V) of the exit after each loop, shallowest first; the last equals model(...).logits."""
-    if model.config.sharing != "cycle":
+    if not SHARING_MODES.get(model.config.sharing).loop_exits:
         raise ValueError(f"early exit needs sharing='cycle' (loops end between blocks), got {model.config.sharing!r}")
     layers = model.unrolled_layers
     layers.loop_outputs = []

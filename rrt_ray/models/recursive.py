@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from rrt_ray.models.arch import TESTED_FAMILIES, check_supported, layers_path
+from rrt_ray.models.arch import ARCHITECTURES, check_supported, layers_path
 from rrt_ray.models.config import RecursiveConfig
 from rrt_ray.models.layer_map import UnrolledPosition, tied_layers, unrolled_positions
 from rrt_ray.models.lora import RelaxedLoRALinear
@@ -166,7 +166,7 @@ def build_backbone(config: RecursiveConfig) -> PreTrainedModel:
     if not isinstance(shared, nn.ModuleList) or len({type(layer) for layer in shared}) != 1:
         raise ValueError(
             f"unsupported architecture {text.model_type!r}: no uniform decoder layer list at "
-            f"{layers_path(text.model_type)!r} (tested: {', '.join(TESTED_FAMILIES)})"
+            f"{layers_path(text.model_type)!r} (tested: {ARCHITECTURES.allowed()})"
         )
     for layer in shared:
         _relax_layer(layer, config)

@@ -1,15 +1,21 @@
-"""The HTTP layer (FastAPI, no Ray): OpenAI completions over an AsyncEngine.
+"""The HTTP layer (FastAPI, no Ray): OpenAI completions over an EngineClient (`rrt_ray.serve.client`).
 
     POST /v1/completions         prompt text or token ids (or a list of either: one choice each)
     POST /v1/chat/completions    when the tokenizer has a chat template
     GET  /v1/models              the one served model
-    GET  /healthz                200 while the engine loop runs, 503 otherwise (no API key needed)
+    GET  /healthz                200 while the engine answers, 503 otherwise (no API key needed)
     GET  /metrics                Prometheus text format (no API key needed)
 
 Every error is JSON, {"error": {"message", "type", "param", "code"}}: 400 for a bad request (malformed
-JSON, wrong types, out-of-range values, over-long prompts), 401 for a missing or wrong API key, 404
-for an unknown model or route, 503 at the concurrency limit. A 5xx other than 503 means a server bug.
-Streaming uses server-sent events ("data: {...}" lines, then "data: [DONE]").
+JSON, wrong types, out-of-range values, text that is not valid Unicode, over-long prompts), 401 for a
+missing or wrong API key, 404 for an unknown model or route, 405 for a wrong method, 503 (with
+Retry-After) at the concurrency limit or while no engine replica can take the request. A 5xx other than
+503 means a server bug. Streaming uses server-sent events ("data: {...}" lines, then "data: [DONE]"); an
+engine lost after the first event ends the stream with an error event.
+
+A request is validated once, here: the JSON body by the pydantic models of `rrt_ray.serve.protocol`, then
+turned into typed `Generation`s (token ids + SamplingParams) that the engine takes as they are. A client
+that goes away is counted as `status="cancelled"` and logged at DEBUG, never as a server error.
 """
 
 from __future__ import annotations
@@ -29,15 +35,14 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rrt_ray.serve import protocol
-from rrt_ray.serve.async_engine import AsyncEngine, EngineDead, Overloaded, RequestStream
-from rrt_ray.serve.metrics import CONTENT_TYPE_LATEST
+from rrt_ray.serve.client import EngineClient, EngineUnavailable, Generation, ModelCard, OutputStream, Refused
+from rrt_ray.serve.metrics import CONTENT_TYPE_LATEST, RequestMetrics
 from rrt_ray.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
-from rrt_ray.serve.sampling import SamplingParams
 
 logger = logging.getLogger("rrt_ray.serve")
 
 _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error", 503: "overloaded_error"}
-_STATUS_LABELS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "bad_request", 503: "overloaded"}
+_STATUS_LABELS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "bad_request", 413: "bad_request", 503: "overloaded"}
 
 
 @dataclass
@@ -46,7 +51,7 @@ class ServerSettings:
 
     model_name: the id /v1/models lists and requests must name (when they name one).
     max_prompt_tokens / max_tokens_limit: per-request limits (400 above them).
-    max_concurrent_requests: requests (choices) in flight at once; more get 503.
+    max_concurrent_requests: requests (choices) in flight at once per model replica; more get 503.
     default_exit_threshold: used when a request sends no exit_threshold (1.0: no early exit).
     api_key_env: environment variable holding the bearer API key; unset or empty: no key required.
     max_body_bytes: larger request bodies get 413.
@@ -68,204 +73,282 @@ class ServerSettings:
             raise ValueError(f"default_exit_threshold must be in [0, 1], got {self.default_exit_threshold}")
 
 
-def build_app(runner: AsyncEngine, tokenizer, settings: ServerSettings, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app. api_key: required bearer token (None or "": open). It is never logged."""
-    app = FastAPI(title="rrt-ray", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = runner.metrics
-    engine = runner.engine
-    has_chat = tokenizer is not None and getattr(tokenizer, "chat_template", None)
+@dataclass(frozen=True)
+class _Call:
+    """One validated HTTP request on its way to the engine."""
 
-    def count(status: str) -> None:
-        if metrics is not None:
-            metrics.requests.labels(status=status).inc()
+    generations: list[Generation]
+    stream: bool
+    include_usage: bool
+    chat: bool
 
-    def error_response(err: APIError) -> JSONResponse:
-        count(_STATUS_LABELS.get(err.status, "error"))
-        return JSONResponse(err.body(), status_code=err.status)
 
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, err: APIError) -> JSONResponse:
-        return error_response(err)
+def _is_cancellation(err: BaseException) -> bool:
+    """A client that went away: asyncio's CancelledError, or Ray's TaskCancelledError (seen by name: no Ray here)."""
+    return isinstance(err, asyncio.CancelledError) or any(c.__name__ in ("TaskCancelledError", "RequestCancelledError") for c in type(err).__mro__)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return error_response(APIError(err.status_code, str(err.detail), _STATUS_TYPES.get(err.status_code, "invalid_request_error")))
 
-    @app.exception_handler(RequestValidationError)
-    async def _request_validation(_: Request, err: RequestValidationError) -> JSONResponse:
-        return error_response(APIError(400, str(err.errors()[0].get("msg", "invalid request"))))
+class CompletionAPI:
+    """The routes, each a named handler over one EngineClient; `.app` is the FastAPI application.
 
-    @app.exception_handler(Exception)
-    async def _server_error(_: Request, err: Exception) -> JSONResponse:
+    api_key: the required bearer token (None or "": open). It is never logged.
+    """
+
+    def __init__(self, client: EngineClient, tokenizer, settings: ServerSettings, api_key: str | None = None) -> None:
+        self.client, self.tokenizer, self.settings, self.api_key = client, tokenizer, settings, api_key or None
+        self.metrics = RequestMetrics()
+        self.has_chat = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+        self.app = FastAPI(title="rrt-ray", docs_url=None, redoc_url=None, openapi_url=None)
+        self._add_routes(self.app)
+
+    def _add_routes(self, app: FastAPI) -> None:
+        app.add_exception_handler(APIError, self._api_error)
+        app.add_exception_handler(StarletteHTTPException, self._http_error)
+        app.add_exception_handler(RequestValidationError, self._request_validation)
+        app.add_exception_handler(Exception, self._server_error)
+        app.add_api_route("/healthz", self.healthz, methods=["GET"])
+        app.add_api_route("/metrics", self.metrics_endpoint, methods=["GET"])
+        app.add_api_route("/v1/models", self.models, methods=["GET"])
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+
+    # ------------------------------------------------------------------ errors
+
+    def error_response(self, err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+        self.metrics.count(_STATUS_LABELS.get(err.status, "error"))
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    async def _api_error(self, _: Request, err: APIError) -> JSONResponse:
+        return self.error_response(err, err.headers)
+
+    async def _http_error(self, _: Request, err: StarletteHTTPException) -> JSONResponse:
+        return self.error_response(APIError(err.status_code, str(err.detail), _STATUS_TYPES.get(err.status_code, "invalid_request_error")))
+
+    async def _request_validation(self, _: Request, err: RequestValidationError) -> JSONResponse:
+        return self.error_response(APIError(400, str(err.errors()[0].get("msg", "invalid request"))))
+
+    async def _server_error(self, _: Request, err: Exception) -> JSONResponse:
+        if _is_cancellation(err):  # the client went away while its request ran: nobody reads this answer
+            self.cancelled(err)
+            return JSONResponse(APIError(499, "client closed the request", "cancelled").body(), status_code=499)
         logger.exception("internal error")
-        count("error")
+        self.metrics.count("error")
         body = APIError(500, f"internal server error: {type(err).__name__}", "server_error").body()
         return JSONResponse(body, status_code=500)
 
-    def check_auth(request: Request) -> None:
-        if not api_key:
+    def cancelled(self, err: BaseException | None = None) -> None:
+        logger.debug("client went away; request cancelled (%s)", type(err).__name__ if err else "disconnect")
+        self.metrics.count("cancelled")
+
+    # ------------------------------------------------------------------ checks at the edge
+
+    def check_auth(self, request: Request) -> None:
+        if not self.api_key:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", "authentication_error")
-        if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise APIError(401, "invalid API key", "authentication_error", code="invalid_api_key")
 
-    async def read_json(request: Request) -> dict:
+    async def read_json(self, request: Request) -> dict:
         body = await request.body()
-        if len(body) > settings.max_body_bytes:
-            raise APIError(413, f"request body is {len(body)} bytes; the limit is {settings.max_body_bytes}")
+        limit = self.settings.max_body_bytes
+        if len(body) > limit:
+            raise APIError(413, f"request body is {len(body)} bytes; the limit is {limit}")
         try:
             data = json.loads(body)
+            bad_text = protocol.unencodable_field(data)
         except (ValueError, RecursionError) as err:  # JSONDecodeError, bad UTF-8, 5000-digit ints, deep nesting
             raise APIError(400, f"request body is not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise APIError(400, "request body must be a JSON object")
+        if bad_text:
+            path, problem = bad_text
+            raise APIError(400, f"{path}: {problem}", param=path.split(".")[0])
         return data
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != settings.model_name:
-            raise APIError(404, f"model {name!r} does not exist; this server serves {settings.model_name!r}", "not_found_error", "model", "model_not_found")
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.settings.model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {self.settings.model_name!r}", "not_found_error", "model", "model_not_found")
 
-    def sampling(req, max_tokens: int) -> SamplingParams:
-        if max_tokens > settings.max_tokens_limit:
-            raise APIError(400, f"max_tokens: {max_tokens} is above this server's limit of {settings.max_tokens_limit}", param="max_tokens")
-        if req.max_loops is not None and req.max_loops > engine.num_loops:
-            raise APIError(400, f"max_loops: must be in 1..{engine.num_loops} for this model, got {req.max_loops}", param="max_loops")
-        try:
-            stop = req.stop_list()
-        except ValueError as err:
-            raise APIError(400, str(err), param="stop") from None
-        if stop and tokenizer is None:
-            raise APIError(400, "stop: this model has no tokenizer, so stop strings cannot be matched", param="stop")
-        threshold = settings.default_exit_threshold if req.exit_threshold is None else req.exit_threshold
-        try:
-            return SamplingParams(
-                max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=stop,
-                exit_threshold=threshold, max_loops=req.max_loops,
-            )
-        except ValueError as err:
-            raise APIError(400, str(err)) from None
-
-    def encode(prompt: str | list[int]) -> list[int]:
+    def encode(self, prompt: str | list[int], field: str = "prompt") -> tuple[int, ...]:
         if isinstance(prompt, str):
-            if tokenizer is None:
-                raise APIError(400, "prompt: this model has no tokenizer; send token ids", param="prompt")
-            ids = tokenizer.encode(prompt)
+            if self.tokenizer is None:
+                raise APIError(400, f"{field}: this model has no tokenizer; send token ids", param=field)
+            try:
+                ids = self.tokenizer.encode(prompt)
+            except (TypeError, ValueError) as err:  # text the tokenizer cannot take is the request's fault
+                raise APIError(400, f"{field}: the tokenizer cannot encode it ({err})", param=field) from None
         else:
             ids = prompt
         if not ids:
-            raise APIError(400, "prompt: must not be empty", param="prompt")
-        if len(ids) > settings.max_prompt_tokens:
-            raise APIError(400, f"prompt: {len(ids)} tokens is above this server's limit of {settings.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
-        return ids
+            raise APIError(400, f"{field}: must not be empty", param=field)
+        limit = self.settings.max_prompt_tokens
+        if len(ids) > limit:
+            raise APIError(400, f"{field}: {len(ids)} tokens is above this server's limit of {limit}", param=field, code="context_length_exceeded")
+        return tuple(ids)
 
-    def submit_all(prompts: list[list[int]], params: SamplingParams) -> list[RequestStream]:
-        streams: list[RequestStream] = []
+    def sampling(self, req):
+        max_tokens, limit = req.max_new_tokens(), self.settings.max_tokens_limit
+        field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+        if max_tokens > limit:
+            raise APIError(400, f"{field}: {max_tokens} is above this server's limit of {limit}", param=field)
+        if req.stop is not None and self.tokenizer is None:
+            raise APIError(400, "stop: this model has no tokenizer, so stop strings cannot be matched", param="stop")
         try:
-            for ids in prompts:
-                streams.append(runner.submit(ids, params))
-        except BaseException:
-            for stream in streams:
-                stream.close()
-            raise
-        return streams
-
-    async def handle(prompts: list[list[int]], params: SamplingParams, model: str, stream: bool, include_usage: bool, chat: bool):
-        started = time.perf_counter()
-        try:
-            streams = submit_all(prompts, params)
+            return req.sampling_params(self.settings.default_exit_threshold)
         except ValueError as err:
-            raise APIError(400, str(err), param="prompt") from None
-        except Overloaded as err:
-            raise APIError(503, str(err), "overloaded_error") from None
-        except EngineDead as err:
-            raise APIError(503, str(err), "server_error") from None
-        request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
-        if stream:
-            events = _sse(streams, request_id, model, include_usage, chat, started, metrics)
-            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            message = str(err)
+            raise APIError(400, message, param=message.split(":")[0].split(" ")[0]) from None
+
+    @staticmethod
+    def parse(model_class, data: dict):
         try:
-            finals = await asyncio.gather(*(s.final() for s in streams))
-        except EngineDead as err:
-            raise APIError(503, str(err), "server_error") from None
-        finally:
-            for s in streams:
-                s.close()
-        choices = [protocol.choice(i, f.text, f.finish_reason, f.exit_loops, chat) for i, f in enumerate(finals)]
-        body = protocol.completion_body(
-            request_id, model, choices,
-            protocol.usage(sum(f.num_prompt_tokens for f in finals), sum(len(f.token_ids) for f in finals)), chat,
-        )
-        count("ok")
-        if metrics is not None:
-            metrics.request_seconds.observe(time.perf_counter() - started)
-        return JSONResponse(body)
+            return model_class.model_validate(data)
+        except ValidationError as err:
+            raise protocol.validation_error(err) from None
 
-    @app.get("/healthz")
-    async def healthz():
-        if not runner.alive:
-            return JSONResponse(APIError(503, "engine loop is not running", "server_error").body(), status_code=503)
-        return {"status": "ok", "model": settings.model_name}
+    # ------------------------------------------------------------------ routes
 
-    @app.get("/metrics")
-    async def metrics_endpoint():
-        if metrics is None:
-            raise APIError(404, "metrics are disabled", "not_found_error")
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    async def healthz(self):
+        if not await self.client.healthy():
+            return JSONResponse(APIError(503, "the engine is not running", "server_error").body(), status_code=503)
+        return {"status": "ok", "model": self.settings.model_name}
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        check_auth(request)
-        card = {
-            "id": settings.model_name, "object": "model", "created": 0, "owned_by": "rrt-ray",
-            "num_loops": engine.num_loops, "max_model_len": engine.max_model_len,
+    async def metrics_endpoint(self):
+        engine = await self.client.engine_metrics()
+        return Response(self.metrics.exposition() + (engine or b""), media_type=CONTENT_TYPE_LATEST)
+
+    async def models(self, request: Request):
+        self.check_auth(request)
+        card: ModelCard = await self.client.card()
+        entry = {
+            "id": self.settings.model_name, "object": "model", "created": 0, "owned_by": "rrt-ray",
+            "num_loops": card.num_loops, "max_model_len": card.max_model_len,
         }
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [entry]}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        check_auth(request)
+    async def completions(self, request: Request):
+        self.check_auth(request)
+        req: CompletionRequest = self.parse(CompletionRequest, await self.read_json(request))
         try:
-            req = CompletionRequest.model_validate(await read_json(request))
             prompts = req.prompts()
-        except ValidationError as err:
-            raise protocol.validation_error(err) from None
         except ValueError as err:
             raise APIError(400, str(err), param="prompt") from None
-        check_model(req.model)
-        if len(prompts) > settings.max_concurrent_requests:
-            raise APIError(400, f"prompt: {len(prompts)} prompts in one request; the limit is {settings.max_concurrent_requests}", param="prompt")
-        ids = [encode(p) for p in prompts]
-        params = sampling(req, req.max_tokens)
+        self.check_model(req.model)
+        limit = self.settings.max_concurrent_requests
+        if len(prompts) > limit:
+            raise APIError(400, f"prompt: {len(prompts)} prompts in one request; the limit is {limit}", param="prompt")
+        ids = [self.encode(p) for p in prompts]
+        params = self.sampling(req)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await handle(ids, params, settings.model_name, req.stream, include_usage, chat=False)
+        return await self.run(_Call([Generation(i, params) for i in ids], req.stream, include_usage, chat=False))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        check_auth(request)
-        if not has_chat:
+    async def chat_completions(self, request: Request):
+        self.check_auth(request)
+        if not self.has_chat:
             raise APIError(404, "this model's tokenizer has no chat template; use /v1/completions", "not_found_error")
-        try:
-            req = ChatCompletionRequest.model_validate(await read_json(request))
-        except ValidationError as err:
-            raise protocol.validation_error(err) from None
-        check_model(req.model)
+        req: ChatCompletionRequest = self.parse(ChatCompletionRequest, await self.read_json(request))
+        self.check_model(req.model)
         messages = [m.model_dump() for m in req.messages]
         try:
-            encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         except Exception as err:  # noqa: BLE001  (a template that rejects these messages is the request's fault)
             raise APIError(400, f"messages: the chat template rejected them: {err}", param="messages") from None
         ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-        params = sampling(req, req.token_budget(16))
+        params = self.sampling(req)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await handle([encode(list(ids))], params, settings.model_name, req.stream, include_usage, chat=True)
+        return await self.run(_Call([Generation(self.encode(list(ids), "messages"), params)], req.stream, include_usage, chat=True))
 
-    return app
+    # ------------------------------------------------------------------ running a request
+
+    async def start_all(self, call: _Call) -> list[OutputStream]:
+        """Start every choice, or none: a refusal closes the ones already started and answers 4xx/503."""
+        streams: list[OutputStream] = []
+        try:
+            for generation in call.generations:
+                streams.append(await self.client.start(generation, restartable=not call.stream))
+        except BaseException as err:
+            for stream in streams:
+                await stream.aclose()
+            if isinstance(err, Refused):
+                headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s else None
+                type_ = "invalid_request_error" if err.status < 500 else "overloaded_error"
+                param = ("max_loops" if "max_loops" in err.message else "prompt") if err.status == 400 else None
+                raise APIError(err.status, err.message, type_, param, headers=headers) from None
+            raise
+        return streams
+
+    async def run(self, call: _Call):
+        started = time.perf_counter()
+        streams = await self.start_all(call)
+        request_id = protocol.new_id("chatcmpl" if call.chat else "cmpl")
+        if call.stream:
+            events = self.sse(streams, request_id, call, started)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            finals = await asyncio.gather(*(_final(s) for s in streams))
+        except EngineUnavailable as err:
+            raise APIError(503, str(err), "server_error", headers={"Retry-After": str(err.retry_after_s)}) from None
+        except asyncio.CancelledError:
+            self.cancelled()
+            raise
+        finally:
+            for s in streams:
+                await s.aclose()
+        choices = [protocol.choice(i, f.text, f.finish_reason, f.exit_loops, call.chat) for i, f in enumerate(finals)]
+        tokens = protocol.usage(sum(f.num_prompt_tokens for f in finals), sum(len(f.token_ids) for f in finals))
+        body = protocol.completion_body(request_id, self.settings.model_name, choices, tokens, call.chat)
+        self.metrics.count("ok", started)
+        return JSONResponse(body)
+
+    async def sse(self, streams: list[OutputStream], request_id: str, call: _Call, started: float) -> AsyncIterator[str]:
+        model, chat = self.settings.model_name, call.chat
+        prompt_tokens = completion_tokens = 0
+        try:
+            if chat:  # the first chunk carries the role, as OpenAI's does
+                first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                yield _event(protocol.completion_body(request_id, model, [first], None, chat, chunk=True))
+            async for index, out in _merged(streams):
+                new_loops = out.exit_loops[len(out.exit_loops) - len(out.new_token_ids) :]
+                if not out.new_text and not out.finished and not new_loops:
+                    continue
+                choice = protocol.choice(index, out.new_text, out.finish_reason, new_loops, chat, delta=True)
+                yield _event(protocol.completion_body(request_id, model, [choice], None, chat, chunk=True))
+                if out.finished:
+                    prompt_tokens += out.num_prompt_tokens
+                    completion_tokens += len(out.token_ids)
+            if call.include_usage:
+                yield _event(protocol.completion_body(request_id, model, [], protocol.usage(prompt_tokens, completion_tokens), chat, chunk=True))
+            self.metrics.count("ok", started)
+        except EngineUnavailable as err:  # after the first event: the client must retry the whole request
+            self.metrics.count("error")
+            yield _event(APIError(503, str(err), "server_error", code="engine_unavailable").body())
+        except BaseException as err:
+            if _is_cancellation(err) or isinstance(err, GeneratorExit):
+                self.cancelled(err)
+            raise
+        finally:
+            for stream in streams:
+                await stream.aclose()
+        yield "data: [DONE]\n\n"
 
 
-async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, object]]:
+def build_app(client: EngineClient, tokenizer, settings: ServerSettings, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app of `CompletionAPI` (see its docstring)."""
+    return CompletionAPI(client, tokenizer, settings, api_key).app
+
+
+async def _final(stream: OutputStream):
+    """The last update of a stream: every update holds all tokens so far (non-streaming requests)."""
+    last = None
+    async for last in stream:
+        pass
+    return last
+
+
+async def _merged(streams: list[OutputStream]) -> AsyncIterator[tuple[int, object]]:
     """(choice index, RequestOutput) from several streams as they come."""
     if len(streams) == 1:
         async for out in streams[0]:
@@ -273,12 +356,13 @@ async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, obje
         return
     merged: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index: int, stream: RequestStream) -> None:
+    async def pump(index: int, stream: OutputStream) -> None:
         try:
             async for out in stream:
                 await merged.put((index, out))
-        except BaseException as err:  # noqa: BLE001
+        except BaseException as err:  # noqa: BLE001  (handed to the reader, who raises it)
             await merged.put((index, err))
+            return
         await merged.put((index, None))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
@@ -295,34 +379,7 @@ async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, obje
     finally:
         for task in tasks:
             task.cancel()
-
-
-async def _sse(streams, request_id, model, include_usage, chat, started, metrics) -> AsyncIterator[str]:
-    prompt_tokens = completion_tokens = 0
-    try:
-        if chat:  # the first chunk carries the role, as OpenAI's does
-            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            yield _event(protocol.completion_body(request_id, model, [first], None, chat, chunk=True))
-        async for index, out in _merged(streams):
-            new_loops = out.exit_loops[len(out.exit_loops) - len(out.new_token_ids) :]
-            if not out.new_text and not out.finished and not new_loops:
-                continue
-            choice = protocol.choice(index, out.new_text, out.finish_reason, new_loops, chat, delta=True)
-            yield _event(protocol.completion_body(request_id, model, [choice], None, chat, chunk=True))
-            if out.finished:
-                prompt_tokens += out.num_prompt_tokens
-                completion_tokens += len(out.token_ids)
-        if include_usage:
-            yield _event(protocol.completion_body(request_id, model, [], protocol.usage(prompt_tokens, completion_tokens), chat, chunk=True))
-        if metrics is not None:
-            metrics.requests.labels(status="ok").inc()
-            metrics.request_seconds.observe(time.perf_counter() - started)
-    except EngineDead as err:
-        yield _event(APIError(503, str(err), "server_error").body())
-    finally:
-        for stream in streams:
-            stream.close()
-    yield "data: [DONE]\n\n"
+        await asyncio.gather(*tasks, return_exceptions=True)  # retrieve them: no "exception never retrieved"
 
 
 def _event(body: dict) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from rrt_ray.overrides import coerce, field_types
 from rrt_ray.serve.engine import EngineConfig
 from rrt_ray.serve.api import ServerSettings
 
@@ -75,37 +76,20 @@ class ServeAppConfig:
         unknown = set(top) - set(fields)
         if unknown:
             raise ValueError(f"unknown arguments {sorted(unknown)}; allowed: {', '.join(fields)}")
-        top = {k: _coerce(v, fields[k].type) for k, v in top.items()}
-        engine = {k: _coerce(v, _field_type(EngineConfig, k)) for k, v in nested["engine"].items()}
-        server = {k: _coerce(v, _field_type(ServerSettings, k)) for k, v in nested["server"].items()}
+        top = {k: coerce(v, _field_type(cls, k), k) for k, v in top.items()}
+        engine = {k: coerce(v, _field_type(EngineConfig, k), f"engine.{k}") for k, v in nested["engine"].items()}
+        server = {k: coerce(v, _field_type(ServerSettings, k), f"server.{k}") for k, v in nested["server"].items()}
         return cls(**top, engine=EngineConfig(**engine), server=ServerSettings(**server))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _field_type(config_class, name: str) -> str:
-    for f in dataclasses.fields(config_class):
-        if f.name == name:
-            return f.type
-    allowed = ", ".join(f.name for f in dataclasses.fields(config_class))
-    raise ValueError(f"unknown {config_class.__name__} field {name!r}; allowed: {allowed}")
-
-
-def _coerce(value: Any, type_name: Any) -> Any:
-    """CLI arguments arrive as strings: convert them to the field's (annotated) type."""
-    if not isinstance(value, str):
-        return value
-    type_name = str(type_name)
-    if value.lower() in ("none", "null") and "None" in type_name:
-        return None
-    if type_name.startswith("int"):
-        return int(value)
-    if type_name.startswith("float"):
-        return float(value)
-    if type_name.startswith("bool"):
-        return value.lower() in ("1", "true", "yes")
-    return value
+def _field_type(config_class, name: str) -> Any:
+    types = field_types(config_class)
+    if name not in types:
+        raise ValueError(f"unknown {config_class.__name__} field {name!r}; allowed: {', '.join(types)}")
+    return types[name]
 
 
 def load_model(model: str):
@@ -141,19 +125,20 @@ class CompletionServer:
 
         from rrt_ray.serve.async_engine import AsyncEngine
         from rrt_ray.serve.engine import Engine
-        from rrt_ray.serve.metrics import ServeMetrics
+        from rrt_ray.serve.metrics import EngineMetrics
 
         self.config = ServeAppConfig(**config)
         torch.set_num_threads(self.config.torch_threads)
         model, self.tokenizer = load_model(self.config.model)
         engine = Engine(model, self.tokenizer, self.config.engine)
-        self.runner = AsyncEngine(engine, self.config.server.max_concurrent_requests, ServeMetrics(engine.num_loops))
+        self.runner = AsyncEngine(engine, self.config.server.max_concurrent_requests, EngineMetrics(engine.num_loops))
 
     def __serve_build_asgi_app__(self):
         from rrt_ray.serve.api import build_app
+        from rrt_ray.serve.client import LocalEngineClient
 
         api_key = os.environ.get(self.config.server.api_key_env) or None
-        return build_app(self.runner, self.tokenizer, self.config.server, api_key)
+        return build_app(LocalEngineClient(self.runner), self.tokenizer, self.config.server, api_key)
 
     def __del__(self) -> None:
         runner = getattr(self, "runner", None)

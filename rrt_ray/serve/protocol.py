@@ -17,7 +17,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from rrt_ray.serve.sampling import SamplingParams
+
 Prompt = str | list[str] | list[int] | list[list[int]]
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions; chat uses it when neither limit is sent
 
 
 class _Strict(BaseModel):
@@ -49,13 +52,31 @@ class _SamplingFields(_Strict):
             raise ValueError("stop: at most 4 non-empty strings")
         return tuple(stops)
 
+    def max_new_tokens(self) -> int:
+        raise NotImplementedError
+
+    def sampling_params(self, default_exit_threshold: float) -> SamplingParams:
+        """The engine's settings for this request: every field maps here, once.
+
+        default_exit_threshold: the server's (ServerSettings) value for requests that send none.
+        Raises ValueError naming the field (the HTTP layer answers 400).
+        """
+        return SamplingParams(
+            max_tokens=self.max_new_tokens(), temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+            stop=self.stop_list(), max_loops=self.max_loops,
+            exit_threshold=default_exit_threshold if self.exit_threshold is None else self.exit_threshold,
+        )
+
 
 class CompletionRequest(_SamplingFields):
     prompt: Prompt
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1)
     echo: Literal[False] = False
     logprobs: None = None
     suffix: None = None
+
+    def max_new_tokens(self) -> int:
+        return self.max_tokens
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per choice: a string or a list of token ids."""
@@ -80,16 +101,20 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: Literal[False] | None = None
 
-    def token_budget(self, default: int) -> int:
-        return self.max_completion_tokens or self.max_tokens or default
+    def max_new_tokens(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
 
 
 class APIError(Exception):
     """An error the client caused or must handle: an HTTP status and an OpenAI-style error body."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+        code: str | None = None, headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers  # e.g. Retry-After on a 503
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -112,6 +137,28 @@ def validation_error(err: ValidationError) -> APIError:
     if first["type"] in ("literal_error", "none_required") and param in ("n", "echo", "logprobs", "suffix", "presence_penalty", "frequency_penalty"):
         message = f"{param}: only the default value is supported by this server ({first['msg']})"
     return APIError(400, message, param=param)
+
+
+def unencodable_field(data: object, path: str = "") -> tuple[str, str] | None:
+    """(path, problem) of the first string (or key) in a parsed JSON body that is not valid Unicode text.
+
+    JSON allows escapes such as "\\ud800" that decode to a lone surrogate: Python holds it, but no
+    tokenizer (or UTF-8 encoder) can, so it is the request's fault, reported with the field's path.
+    """
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return path, f"holds {data[err.start]!r} at character {err.start}, a lone surrogate that is not valid Unicode text"
+        return None
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        where = f"{path}.{key}" if path else str(key)
+        found = unencodable_field(key, where) if isinstance(key, str) else None
+        found = found or unencodable_field(value, where)
+        if found:
+            return found
+    return None
 
 
 def new_id(prefix: str) -> str:

@@ -13,14 +13,14 @@ attention over the cache is the engine's (`rrt_ray.serve.kv_cache.engine_attenti
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from rrt_ray.models import RecursiveForCausalLM, UnrolledPosition
-from rrt_ray.models.arch import layers_path
+from rrt_ray.models.arch import ARCHITECTURES, arch_spec
+from rrt_ray.models.layer_map import SHARING_MODES
 from rrt_ray.serve.kv_cache import ATTN_IMPLEMENTATION, StepBatch
 
 
@@ -35,11 +35,6 @@ class _Column:
     position: UnrolledPosition | None = None
 
 
-# Attention classes whose keys/values are exactly rotary(k_proj(x)) and v_proj(x), as their HF forward
-# computes them (checked against running the whole module in tests/serve/test_serve_engine.py).
-KV_ONLY_ATTENTIONS: tuple[str, ...] = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "GemmaAttention")
-
-
 class ModelRunner:
     """The parts of a Hugging Face causal LM the engine drives, and the forward passes it needs.
 
@@ -49,11 +44,13 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        text = model.config.text_config if isinstance(model, RecursiveForCausalLM) else model.config
+        self.arch = arch_spec(text.model_type)  # every fact about the family's module layout
         if isinstance(model, RecursiveForCausalLM):
             hf, text = model.backbone, model.config.text_config
             unrolled = model.unrolled_layers
             positions = unrolled.positions
-            if model.config.sharing == "cycle":  # loop b runs shared layers 0..K-1: exits between loops
+            if SHARING_MODES.get(model.config.sharing).loop_exits:  # loop b runs shared layers 0..K-1
                 num_loops, num_shared = model.config.num_loops, model.config.num_shared_layers
                 table = [[positions[b * num_shared + k] for k in range(num_shared)] for b in range(num_loops)]
                 layers = [unrolled.shared[k] for k in range(num_shared)]
@@ -65,32 +62,33 @@ class ModelRunner:
             self.depth_table = torch.tensor([[p.depth for p in row] for row in table])
         else:
             hf, text = model, model.config
-            inner_layers = hf.get_submodule(layers_path(text.model_type))
+            inner_layers = self.arch.module(hf, "layers")
             self.columns = [self._column(layer, None, None) for layer in inner_layers]
             self.slot_table = torch.arange(len(self.columns)).unsqueeze(0)
             self.depth_table = torch.zeros_like(self.slot_table)
         self.text_config = text
         self.num_loops, self.num_columns = self.slot_table.shape
         self.num_slots = int(self.slot_table.max()) + 1
-        inner = hf.get_submodule(layers_path(text.model_type).rpartition(".")[0])
         self.embed = hf.get_input_embeddings()
         self.head = hf.get_output_embeddings()
-        self.rotary = getattr(inner, "rotary_emb", None)
-        self.final_norm = getattr(inner, "norm", None) or getattr(inner, "final_layer_norm", None)
-        if self.rotary is None or self.final_norm is None or self.head is None:
+        try:
+            self.rotary = self.arch.module(hf, "rotary")
+            self.final_norm = self.arch.module(hf, "final_norm")
+        except ValueError as err:
             raise ValueError(
-                f"unsupported architecture {text.model_type!r} for the serving engine: it needs rotary "
-                "position embeddings, a final norm and an LM head (tested: llama, mistral, qwen2, gemma, gpt_neox)"
-            )
+                f"unsupported architecture {text.model_type!r} for the serving engine ({err}): it needs rotary "
+                f"position embeddings, a final norm and an LM head (tested: {ARCHITECTURES.allowed()})"
+            ) from None
+        if self.head is None:
+            raise ValueError(f"unsupported architecture {text.model_type!r} for the serving engine: it has no LM head")
         self.logit_softcap = getattr(text, "final_logit_softcapping", None)
         self.kv_only_fill = True  # False: fill through the whole attention module (the generic path)
         # The engine's attention runs inside the HF layers; plain forwards (generate) fall back to SDPA.
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
-    @staticmethod
-    def _column(layer: nn.Module, unrolled, position) -> _Column:
+    def _column(self, layer: nn.Module, unrolled, position) -> _Column:
         attention = next((m for m in layer.modules() if hasattr(m, "layer_idx")), None)
-        return _Column(layer, getattr(layer, "input_layernorm", None), attention, unrolled, position)
+        return _Column(layer, getattr(layer, self.arch.input_norm, None), attention, unrolled, position)
 
     def _prepare(self, c: int, loops: torch.Tensor) -> None:
         column = self.columns[c]
@@ -116,8 +114,8 @@ class ModelRunner:
         """CALM state propagation: rows' hidden (F, d) produce the keys/values of the loops in batch.loops.
 
         Each row's exited hidden state goes through the skipped position's own pre-attention norm and
-        k/v projections (its depth's LoRA) and rotary. For the attention classes in KV_ONLY_ATTENTIONS
-        only k_proj and v_proj run; any other attention module runs whole (q and o wasted) with a
+        k/v projections (its depth's LoRA) and rotary. For families whose ArchSpec names kv_projections
+        only those run; any other attention module runs whole (q and o wasted) with a
         fill-only batch, which writes its keys/values and skips attention.
         """
         h = hidden.unsqueeze(0)  # (1, F, d)
@@ -129,12 +127,12 @@ class ModelRunner:
             self._prepare(c, batch.loops)
             normed = column.pre_attn_norm(h)
             attention = column.attention
-            if self.kv_only_fill and type(attention).__name__ in KV_ONLY_ATTENTIONS:
+            if self.kv_only_fill and self.arch.kv_projections is not None:
+                key_proj, value_proj = (getattr(attention, name) for name in self.arch.kv_projections)
                 shape = (*normed.shape[:-1], -1, attention.head_dim)
-                keys = attention.k_proj(normed).view(shape).transpose(1, 2)  # (1, H_kv, F, hd)
-                values = attention.v_proj(normed).view(shape).transpose(1, 2)
-                cos, sin = position_embeddings
-                _, keys = sys.modules[type(attention).__module__].apply_rotary_pos_emb(keys, keys, cos, sin)
+                keys = key_proj(normed).view(shape).transpose(1, 2)  # (1, H_kv, F, hd)
+                values = value_proj(normed).view(shape).transpose(1, 2)
+                keys = self.arch.rotate_keys(attention, keys, *position_embeddings)
                 batch.pool.write(batch.slots(), batch.seqs, batch.pos, keys[0].transpose(0, 1), values[0].transpose(0, 1))
             else:
                 attention(hidden_states=normed, attention_mask=None, position_embeddings=position_embeddings, rrt_batch=batch)

@@ -18,21 +18,18 @@ Sections:
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from rrt_ray.overrides import apply_override, build
+from rrt_ray.overrides import valid_keys as _valid_keys
+
 SCHEDULES = ("cosine", "wsd", "constant")
-KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 ZERO_STAGES = (1, 2, 3)
 PRECISIONS = ("fp32", "bf16")
-SHARINGS = ("cycle", "sequence")
-INITS = ("stepwise", "average", "lower")
-LORA_INITS = ("svd", "zero")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -63,10 +60,14 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        from rrt_ray.convert.init_strategies import INIT_STRATEGIES  # the registries: choices are listed once
+        from rrt_ray.convert.lora_init import LORA_INITS
+        from rrt_ray.models.layer_map import SHARING_MODES
+
         _require(self.loops >= 1, f"model.loops must be >= 1, got {self.loops}")
-        _require(self.sharing in SHARINGS, f"model.sharing {self.sharing!r} is not one of {', '.join(SHARINGS)}")
-        _require(self.init in INITS, f"model.init {self.init!r} is not one of {', '.join(INITS)}")
-        _require(self.lora_init in LORA_INITS, f"model.lora_init {self.lora_init!r} is not one of {', '.join(LORA_INITS)}")
+        _require(self.sharing in SHARING_MODES, f"model.sharing {self.sharing!r} is not one of {SHARING_MODES.allowed()}")
+        _require(self.init in INIT_STRATEGIES, f"model.init {self.init!r} is not one of {INIT_STRATEGIES.allowed()}")
+        _require(self.lora_init in LORA_INITS, f"model.lora_init {self.lora_init!r} is not one of {LORA_INITS.allowed()}")
         _require(
             self.lora_rank == "full" or (isinstance(self.lora_rank, int) and self.lora_rank >= 0),
             f"model.lora_rank must be an integer >= 0 or 'full', got {self.lora_rank!r}",
@@ -152,8 +153,10 @@ class KDConfig:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        from rrt_ray.train.losses import KD_LOSSES
+
         _require(0 <= self.weight <= 1, f"kd.weight must be in [0, 1], got {self.weight}")
-        _require(self.loss in KD_LOSSES, f"kd.loss {self.loss!r} is not one of {', '.join(KD_LOSSES)}")
+        _require(self.loss in KD_LOSSES, f"kd.loss {self.loss!r} is not one of {KD_LOSSES.allowed()}")
         _require(self.temperature > 0, f"kd.temperature must be > 0, got {self.temperature}")
 
     @property
@@ -281,7 +284,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return _build(cls, data, prefix="")
+        return build(cls, data)
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "TrainConfig":
@@ -301,85 +304,4 @@ class TrainConfig:
 
 def valid_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
     """Every dotted key a config accepts (`optim.lr`, `zero.stage`, ...)."""
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        if dataclasses.is_dataclass(kind):
-            keys += valid_keys(kind, f"{prefix}{f.name}.")
-        else:
-            keys.append(f"{prefix}{f.name}")
-    return keys
-
-
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply one `a.b=value` override in place; the value is parsed as YAML (`null`, `true`, `[1, 2]`)."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"override {item!r} is not of the form section.key=value")
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(
-            f"unknown config key {prefix + unknown[0]!r}; valid keys: {', '.join(valid_keys(cls, prefix))}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        kind = hints[name]
-        if dataclasses.is_dataclass(kind):
-            kwargs[name] = _build(kind, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, kind, prefix + name)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, kind: Any, key: str) -> Any:
-    """Coerce a YAML or command-line value to the field's annotated type, or say what was expected."""
-    options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else (kind,)
-    if value is None:
-        if type(None) in options:
-            return None
-        raise ValueError(f"{key} must not be null")
-    for option in options:
-        if option is type(None):
-            continue
-        if option is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-        elif option is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            if isinstance(value, str):
-                try:
-                    return int(value)
-                except ValueError:
-                    pass
-        elif option is float:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str):
-                try:  # PyYAML reads "3e-4" as a string
-                    return float(value)
-                except ValueError:
-                    pass
-        elif option is str:
-            if isinstance(value, str):
-                return value
-    names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
-    raise ValueError(f"{key} must be {names}, got {value!r}")
+    return _valid_keys(cls, prefix)

@@ -31,10 +31,11 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from rrt_ray.evaluation import loss_totals, perplexity_of
 from rrt_ray.train.config import TrainConfig
 from rrt_ray.models import RecursiveForCausalLM
 from rrt_ray.models.early_exit import early_exit_loss, freeze_backbone, loop_exit_logits
-from rrt_ray.train.losses import IGNORE_INDEX, combined_loss, cross_entropy
+from rrt_ray.train.losses import combined_loss
 from rrt_ray.train.schedule import lr_multiplier
 
 DS_TAG = "ds"  # one DeepSpeed tag per Ray checkpoint directory
@@ -108,20 +109,12 @@ class _Batches:
         self._it = None
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
     """Held-out perplexity over every worker's batches (a collective: every rank must call it)."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64)  # (sum of token losses, token count)
-    for batch in batches:
-        logits, targets = next_token_logits(model, batch)
-        count = (targets != IGNORE_INDEX).sum()
-        total += torch.stack([cross_entropy(logits, targets).double() * count, count.double()])
+    totals = loss_totals(model, batches)  # (sum of token losses, token count)
     if dist.is_initialized():
-        dist.all_reduce(total)
-    model.train(was_training)
-    return math.exp(total[0].item() / max(1.0, total[1].item()))
+        dist.all_reduce(totals)
+    return perplexity_of(totals) if totals[1] > 0 else math.nan
 
 
 def held_out_batches(tokens: Any, cfg: TrainConfig, rank: int, world_size: int) -> list[dict[str, torch.Tensor]]:

@@ -13,9 +13,12 @@ each multiplied by T**2 so gradient magnitudes do not shrink as T grows (Hinton 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from rrt_ray.registry import Registry
 
 IGNORE_INDEX = -100
 
@@ -23,6 +26,27 @@ IGNORE_INDEX = -100
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token CE. logits (B, T, V), targets (B, T) -> scalar."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+# (student log-probs, teacher log-probs), each (B, T, V) at temperature T -> per-token divergence (B, T)
+Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+KD_LOSSES: Registry[Divergence] = Registry("KD loss")
+
+
+@KD_LOSSES.register("forward_kl")
+def forward_kl(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+    return (log_t.exp() * (log_t - log_s)).sum(-1)
+
+
+@KD_LOSSES.register("reverse_kl")
+def reverse_kl(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+    return (log_s.exp() * (log_s - log_t)).sum(-1)
+
+
+@KD_LOSSES.register("jsd")
+def jsd(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+    log_m = torch.logsumexp(torch.stack([log_t, log_s]), dim=0) - math.log(2.0)  # (B, T, V)
+    return 0.5 * forward_kl(log_m, log_t) + 0.5 * forward_kl(log_m, log_s)
 
 
 def kd_divergence(
@@ -33,17 +57,10 @@ def kd_divergence(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Mean per-token divergence between teacher and student. logits (B, T, V), targets (B, T) -> scalar."""
+    divergence = KD_LOSSES.get(kind)
     log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, T, V)
     log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (B, T, V)
-    if kind == "forward_kl":
-        per_token = (log_t.exp() * (log_t - log_s)).sum(-1)
-    elif kind == "reverse_kl":
-        per_token = (log_s.exp() * (log_s - log_t)).sum(-1)
-    elif kind == "jsd":
-        log_m = torch.logsumexp(torch.stack([log_t, log_s]), dim=0) - math.log(2.0)  # (B, T, V)
-        per_token = 0.5 * (log_t.exp() * (log_t - log_m)).sum(-1) + 0.5 * (log_s.exp() * (log_s - log_m)).sum(-1)
-    else:
-        raise ValueError(f"unknown KD loss {kind!r}; allowed: forward_kl, reverse_kl, jsd")
+    per_token = divergence(log_s, log_t)  # (B, T)
     mask = (targets != IGNORE_INDEX).to(per_token.dtype)  # (B, T)
     return (per_token * mask).sum() / mask.sum().clamp_min(1.0) * temperature**2
 

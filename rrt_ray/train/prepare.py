@@ -13,26 +13,24 @@ import json
 import os
 from pathlib import Path
 
+from rrt_ray.convert.source import looks_like_hub_id
 from rrt_ray.train.config import TrainConfig
 
 CONVERTED_MODEL_TYPE = "rrt_recursive"
-DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".py", ".rst", ".md")
-
-
-def _looks_local(source: str) -> bool:
-    """A data source meant as a local path (a hub name looks like 'org/name', without a file suffix)."""
-    if source.startswith(("/", "./", "../", "~", "file:")):
-        return True
-    return Path(source).suffix in DATA_SUFFIXES or source.count("/") > 1 or Path(source).exists()
 
 
 def check_data_source(source: str) -> None:
+    """Fail before any worker starts when a local data.source names nothing `load_texts` could read
+    (the same rules: `rrt_ray.data.corpus.looks_local` and `local_files`, globs included)."""
     from rrt_ray import storage
+    from rrt_ray.data.corpus import local_files, looks_local
 
-    if source == "default" or storage.is_remote(source):
+    if source == "default" or storage.is_remote(source) or not looks_local(source):
         return
-    if _looks_local(source) and not Path(source.removeprefix("file:")).expanduser().exists():
-        raise ValueError(f"data.source {source!r} does not exist (give a local file or directory, an s3:// prefix, a hub dataset name or 'default')")
+    try:
+        local_files(source)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"data.source: {err}") from None
 
 
 def resolve_model(uri: str, key: str) -> str:
@@ -53,8 +51,7 @@ def resolve_model(uri: str, key: str) -> str:
         if latest is not None and (Path(latest) / "config.json").is_file():
             return str(Path(latest).resolve())
         raise ValueError(f"{key} {uri!r} has no config.json and no \"latest\" marker naming a model directory")
-    looks_like_hub_id = uri.count("/") == 1 and not uri.startswith((".", "/", "~"))
-    if looks_like_hub_id and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
+    if looks_like_hub_id(uri) and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
         return uri  # fetched by the converter when online
     raise ValueError(f"{key} {uri!r} does not exist (expected a model directory, a published root, an s3:// URI or, online, a hub id)")
 

@@ -98,9 +98,10 @@ def test_existing_out_needs_overwrite(src, tmp_path, capsys):
 
 def test_a_failure_midway_leaves_nothing_at_out(src, tmp_path, monkeypatch):
     import rrt_ray.convert.convert as convert_module
+    import rrt_ray.convert.lora_init as lora_init_module
 
     calls = {"n": 0}
-    real = convert_module.truncated_svd
+    real = lora_init_module.truncated_svd
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -108,7 +109,7 @@ def test_a_failure_midway_leaves_nothing_at_out(src, tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "truncated_svd", flaky)
+    monkeypatch.setattr(lora_init_module, "truncated_svd", flaky)
     with pytest.raises(RuntimeError, match="disk on fire"):
         convert_module.convert_checkpoint(str(src), str(tmp_path / "out"), loops=2, lora_rank=4, progress=False)
     assert list(tmp_path.iterdir()) == []  # neither OUT nor a temporary sibling

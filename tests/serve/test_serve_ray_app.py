@@ -30,7 +30,11 @@ def test_serve_deploy_config_is_valid_and_builds():
     assert config["http_options"]["host"] == "127.0.0.1"
     parsed = ServeAppConfig.from_args(app.args)
     assert parsed.engine.kv_fill == "propagate" and parsed.server.model_name == "rrt-demo"
-    assert app_builder(app.args) is not None  # builds the Application without starting Ray
+    built = app_builder(app.args)._bound_deployment  # the Application, built without starting Ray
+    assert built.name == "CompletionServer" and built.ray_actor_options["num_cpus"] == 1
+    assert built.max_ongoing_requests == parsed.server.max_concurrent_requests + 16
+    [config_arg] = built.init_args
+    assert ServeAppConfig(**config_arg) == parsed  # the replica rebuilds exactly the parsed config
 
 
 def test_cli_style_args_are_typed():
