@@ -40,6 +40,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-scale", type=float, default=1.0, help="h = W'x + scale * B A x (default 1)")
     p.add_argument("--share-non-lora", action="store_true", help="share norm weights and biases across depths (not exact)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="storage dtype of the output")
+    p.add_argument("--calibrate", type=int, default=0, metavar="N", help="activation-aware SVD and shared init from N training-split sequences (default 0: plain SVD)")
+    p.add_argument("--reconstruct", action="store_true", help="with --calibrate: layer-wise reconstruction of each position's LoRA and norms")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_convert)
@@ -60,6 +62,7 @@ def _run_convert(args: argparse.Namespace) -> None:
         lora_scale=args.lora_scale,
         share_non_lora=args.share_non_lora,
         dtype=args.dtype,
+        calibration={"sequences": args.calibrate, "reconstruct": args.reconstruct},
         overwrite=args.overwrite,
         progress=not args.quiet,
     )

@@ -297,3 +297,28 @@ def original_stats(original: nn.Module, batches: torch.Tensor, spec: Calibration
 
     layers = original.get_submodule(layers_path(original.config.model_type))
     return collect_stats(original.eval(), layers, batches, spec.batch_size, keep_hidden=spec.reconstruct)
+
+
+def calibration_stats(src_path, spec: CalibrationSpec) -> LayerStats:
+    """Load the original model at src_path (fp32) and gather the statistics over spec.sequences sequences."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src_path)
+    batches = calibration_batches(tokenizer, spec)
+    original = AutoModelForCausalLM.from_pretrained(src_path, dtype=torch.float32)
+    return original_stats(original, batches, spec)
+
+
+def reconstruct_dir(model_dir, stats: LayerStats, spec: CalibrationSpec, dtype: torch.dtype, log=None) -> dict[int, tuple[float, float]]:
+    """Reconstruct the converted model in model_dir in place (fp32 arithmetic), saving it again in `dtype`."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    errors = reconstruct(student, stats, spec, log)
+    for old in list(model_dir.glob("*.safetensors")) + list(model_dir.glob("*.safetensors.index.json")):
+        old.unlink()
+    student.to(dtype).save_pretrained(model_dir)
+    return errors

@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from rrt_ray import storage
 from rrt_ray.convert.init_strategies import INIT_STRATEGIES, init_source_layers
+from rrt_ray.convert.calibrate import CalibrationSpec, LayerStats, activation_weighted_mean, calibration_stats, reconstruct_dir
 from rrt_ray.convert.gguf_import import resolve_model_path
 from rrt_ray.convert.lora_init import LORA_INITS, LoRAInitInput
 from rrt_ray.convert.source import SourceCheckpoint, checkpoint_renames, resolve_source
@@ -69,8 +70,11 @@ class ConvertSpec:
     lora_scale: float = 1.0
     share_non_lora: bool = False
     dtype: str = "float32"
+    calibration: CalibrationSpec | dict | None = None  # --calibrate N [--reconstruct]; None: the paper's plain SVD
 
     def __post_init__(self) -> None:
+        if not isinstance(self.calibration, CalibrationSpec):
+            self.calibration = CalibrationSpec(**(self.calibration or {}))
         if isinstance(self.lora_rank, str) and self.lora_rank != "full":
             try:
                 self.lora_rank = int(self.lora_rank)
@@ -148,9 +152,9 @@ def _resolve_ranks(skeleton: RecursiveForCausalLM, spec: ConvertSpec) -> dict[st
 class _LayerGroupConverter:
     """Computes the tensors of one shared layer from the source layers tied to it."""
 
-    def __init__(self, source: SourceCheckpoint, config: RecursiveConfig, spec: ConvertSpec) -> None:
+    def __init__(self, source: SourceCheckpoint, config: RecursiveConfig, spec: ConvertSpec, stats: LayerStats | None = None) -> None:
         text = config.text_config
-        self.source, self.spec = source, spec
+        self.source, self.spec, self.stats = source, spec, stats
         self.prefix = layers_path(text.model_type)
         self.tied = tied_layers(text.num_hidden_layers, config.num_loops, config.sharing)
         self.init_from = init_source_layers(spec.init, text.num_hidden_layers, config.num_loops, config.sharing)
@@ -165,8 +169,15 @@ class _LayerGroupConverter:
     def _stack(self, k: int, rel: str) -> torch.Tensor:  # (B, *shape), one slice per depth
         return torch.stack([self.source.get(f"{self.prefix}.{layer}.{rel}") for layer in self.tied[k]])
 
+    def _shared_weight(self, k: int, rel: str) -> torch.Tensor:  # W'_k: (d_out, d_in)
+        if self.stats is None:
+            return self._mean(self.init_from[k], f"{rel}.weight")
+        layers = self.init_from[k]
+        weights = [self.source.get(f"{self.prefix}.{layer}.{rel}.weight") for layer in layers]
+        return activation_weighted_mean(weights, [self.stats.moment(layer, rel) for layer in layers], self.spec.calibration.damping)
+
     def linear(self, k: int, rel: str, module: RelaxedLoRALinear) -> dict[str, torch.Tensor]:
-        shared = self._mean(self.init_from[k], f"{rel}.weight")  # W'_k: (d_out, d_in)
+        shared = self._shared_weight(k, rel)
         tensors = {"weight": shared}
         if module.bias is not None:
             shared_bias = module.bias.dim() == 1
@@ -176,7 +187,9 @@ class _LayerGroupConverter:
             lora_a, lora_b = [], []
             for depth, layer in enumerate(self.tied[k]):
                 original = functools.partial(self.source.get, f"{self.prefix}.{layer}.{rel}.weight")
-                a, b = init(LoRAInitInput(original, shared, module.rank, self.scale, seed=k * 1000 + depth))
+                moment = None if self.stats is None else self.stats.moment(layer, rel)
+                a, b = init(LoRAInitInput(original, shared, module.rank, self.scale, seed=k * 1000 + depth,
+                                          moment=moment, damping=self.spec.calibration.damping))
                 lora_a.append(a)
                 lora_b.append(b)
             tensors["lora_a"] = torch.stack(lora_a)  # (B, r, d_in)
@@ -218,6 +231,7 @@ def convert_checkpoint(
     lora_scale: float = 1.0,
     share_non_lora: bool = False,
     dtype: str = "float32",
+    calibration: CalibrationSpec | dict | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> ConvertReport:
@@ -227,7 +241,7 @@ def convert_checkpoint(
     converted locally and then uploaded, its checksum manifest written last.
     """
     started = time.perf_counter()
-    spec = ConvertSpec(loops, sharing, init, lora_rank, lora_init, lora_targets and tuple(lora_targets), lora_scale, share_non_lora, dtype)
+    spec = ConvertSpec(loops, sharing, init, lora_rank, lora_init, lora_targets and tuple(lora_targets), lora_scale, share_non_lora, dtype, calibration)
     if storage.is_remote(src) or storage.is_remote(out):
         for uri in (src, out):
             if storage.is_remote(uri):
@@ -243,7 +257,7 @@ def convert_checkpoint(
             report = convert_checkpoint(
                 local_src, local_out, loops=loops, sharing=sharing, init=init, lora_rank=lora_rank,
                 lora_init=lora_init, lora_targets=lora_targets, lora_scale=lora_scale,
-                share_non_lora=share_non_lora, dtype=dtype, overwrite=overwrite, progress=progress,
+                share_non_lora=share_non_lora, dtype=dtype, calibration=calibration, overwrite=overwrite, progress=progress,
             )
             if storage.is_remote(out):
                 storage.upload_dir(local_out, out)
@@ -277,16 +291,19 @@ def convert_checkpoint(
         original = AutoModelForCausalLM.from_config(text)
     original_params = original.num_parameters()
     source = SourceCheckpoint(src_path, checkpoint_renames(original))
+    stats = calibration_stats(src_path, spec.calibration) if spec.calibration.enabled else None
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
     try:
-        _write_weights(skeleton, source, spec, tmp, progress)
+        _write_weights(skeleton, source, spec, tmp, progress, stats)
         config.dtype = dtype
         config.save_pretrained(tmp)
         for name in COPIED_FILES:
             if (src_path / name).is_file():
                 shutil.copy2(src_path / name, tmp / name)
+        if spec.calibration.reconstruct:
+            reconstruct_dir(tmp, stats, spec.calibration, DTYPES[spec.dtype])
         if out_path.exists():
             shutil.rmtree(out_path)
         os.replace(tmp, out_path)
@@ -296,12 +313,14 @@ def convert_checkpoint(
     return ConvertReport(str(out_path), skeleton.parameter_counts(), original_params, time.perf_counter() - started, ranks)
 
 
-def _write_weights(skeleton: RecursiveForCausalLM, source: SourceCheckpoint, spec: ConvertSpec, tmp: Path, progress: bool) -> None:
+def _write_weights(
+    skeleton: RecursiveForCausalLM, source: SourceCheckpoint, spec: ConvertSpec, tmp: Path, progress: bool, stats: LayerStats | None = None
+) -> None:
     dtype = DTYPES[spec.dtype]
     shared = skeleton.unrolled_layers.shared
     layers_prefix = "backbone." + layers_path(skeleton.config.text_config.model_type)
     tied_targets = set(skeleton.all_tied_weights_keys)
-    group = _LayerGroupConverter(source, skeleton.config, spec)
+    group = _LayerGroupConverter(source, skeleton.config, spec, stats)
     num_shards = len(shared) + 1
     weight_map: dict[str, str] = {}
     total_size = 0

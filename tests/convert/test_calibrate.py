@@ -4,6 +4,8 @@ The statistics come from a real (tiny, random) Llama run over calibration tokens
 converter uses; the inputs X of each projection are captured separately here to check the norms directly.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,6 +21,7 @@ from rrt_ray.models.layer_map import tied_layers
 from rrt_ray.testing import VOCAB, tiny_model
 
 LOOPS, RANK = 2, 4
+TOKENIZER_VOCAB = 300  # the byte-level BPE needs at least 259
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +103,58 @@ def test_full_rank_whitened_factors_reproduce_the_residual(calibrated):
 def test_bad_calibration_options_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         CalibrationSpec(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_src(tmp_path_factory):
+    """A tiny Llama directory with a tokenizer trained on the default corpus, so --calibrate draws real text."""
+    from rrt_ray.data.tokenizer import save_tokenizer, train_bpe_tokenizer
+
+    from gguf_helpers import source_model
+
+    path = tmp_path_factory.mktemp("calib") / "src"
+    model = source_model("llama", TOKENIZER_VOCAB, num_layers=4, seed=5)
+    tokenizer = train_bpe_tokenizer(["def f(x):\n    return x + 1\n" * 50, "class A:\n    pass\n" * 50], vocab_size=TOKENIZER_VOCAB)
+    model.save_pretrained(path)
+    save_tokenizer(tokenizer, str(path))
+    return path, model
+
+
+def _logits(model_dir, ids):
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()(ids).logits
+
+
+def test_calibrated_conversion_is_exact_at_full_rank_and_reconstruction_helps_at_low_rank(tiny_src, tmp_path, monkeypatch):
+    import sysconfig
+
+    from rrt_ray.convert import calibrate, convert_checkpoint
+
+    src, original = tiny_src
+    corpus = tmp_path / "corpus"  # a small training split of real text: fast to tokenise
+    corpus.mkdir()
+    for i, path in enumerate(sorted((Path(sysconfig.get_paths()["stdlib"]) / "json").glob("*.py"))):
+        (corpus / f"doc{i}.txt").write_text(path.read_text())
+    calibration = {"sequences": 4, "seq_len": 32, "data": str(corpus), "reconstruct": True, "reconstruct_steps": 20}
+    ids = torch.randint(0, TOKENIZER_VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = original(ids).logits
+    convert_checkpoint(str(src), str(tmp_path / "full"), loops=2, lora_rank="full", calibration=calibration, progress=False)
+    assert (_logits(tmp_path / "full", ids) - reference).abs().max().item() < 1e-4
+
+    errors = {}
+    real = calibrate.reconstruct
+    monkeypatch.setattr(calibrate, "reconstruct", lambda *a, **k: errors.update(real(*a, **k)) or errors)
+    convert_checkpoint(str(src), str(tmp_path / "r2"), loops=2, lora_rank=2, calibration=calibration, progress=False)
+    assert len(errors) == 4 and all(after <= before for before, after in errors.values())
+    assert sum(after for _, after in errors.values()) < 0.9 * sum(before for before, _ in errors.values())
+
+
+def test_reconstruct_without_calibrate_exits_2(tiny_src, tmp_path, capsys):
+    from rrt_ray.cli import main
+
+    assert main(["convert", str(tiny_src[0]), str(tmp_path / "out"), "--loops", "2", "--reconstruct", "--quiet"]) == 2
+    assert "--reconstruct needs --calibrate N" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
