@@ -40,7 +40,8 @@ class CalibrationSpec:
     sequences: calibration sequences (0: no calibration, the paper's plain SVD); seq_len: tokens each.
     data: the corpus (as `data.source` in training); always its training split, never the held-out one.
     damping: lam as a fraction of the mean diagonal of C (GPTQ's 1%).
-    reconstruct: layer-wise reconstruction after the activation-aware init; steps and lr of its Adam.
+    reconstruct: layer-wise reconstruction after the activation-aware init; steps and lr of its Adam, and how
+        many calibration batches each step sees.
     batch_size: calibration sequences per forward pass (memory only); seed: which sequences are drawn.
     """
 
@@ -51,6 +52,7 @@ class CalibrationSpec:
     reconstruct: bool = False
     reconstruct_steps: int = 40
     reconstruct_lr: float = 1e-3
+    reconstruct_batches: int = 1  # calibration batches each reconstruction step sees (time: ~linear in it)
     batch_size: int = 8
     seed: int = 0
 
@@ -62,6 +64,7 @@ class CalibrationSpec:
             (self.reconstruct_steps >= 1, f"reconstruct steps must be >= 1, got {self.reconstruct_steps}"),
             (self.reconstruct_lr > 0, f"reconstruct lr must be > 0, got {self.reconstruct_lr}"),
             (self.batch_size >= 1, f"calibration batch_size must be >= 1, got {self.batch_size}"),
+            (self.reconstruct_batches >= 1, f"reconstruct batches must be >= 1, got {self.reconstruct_batches}"),
             (not self.reconstruct or self.sequences > 0, "--reconstruct needs --calibrate N with N > 0 calibration sequences"),
         ]
         for ok, message in checks:
@@ -258,8 +261,9 @@ def reconstruct(student: nn.Module, stats: LayerStats, spec: CalibrationSpec, lo
         params = _position_parameters(layer)
         d = position.depth
         call = unrolled[position.position]
-        inputs, targets = stats.hidden_in[position.position], stats.hidden_out[position.position]
-        kwargs = stats.call_kwargs[position.position]
+        used = spec.reconstruct_batches
+        inputs, targets = stats.hidden_in[position.position][:used], stats.hidden_out[position.position][:used]
+        kwargs = stats.call_kwargs[position.position][:used]
         slices = [p.detach()[d].clone() for p in params]
         with torch.no_grad():
             before = best = _position_loss(call, inputs, targets, kwargs).item()
