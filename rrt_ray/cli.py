@@ -3,6 +3,7 @@
     rrt convert SRC OUT --loops B [--sharing MODE] [--init STRATEGY] [--lora-rank R|full|0] [--lora-init INIT]
     rrt import SRC.gguf OUT [--dtype float32|bfloat16]     (rrt_ray/convert/gguf_import.py)
     rrt fetch smollm2-135m [--root out/models]            (rrt_ray/convert/fetch.py)
+    rrt eval MODEL [--docs N]                             (rrt_ray/lm_eval_task.py)
 
 The choices of --sharing, --init and --lora-init are the registries SHARING_MODES, INIT_STRATEGIES and
 LORA_INITS (`rrt convert --help` lists them): a registered entry is a choice here without editing this file.
@@ -78,9 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     from rrt_ray.convert.fetch import add_fetch_command
     from rrt_ray.convert.gguf_import import add_import_command
+    from rrt_ray.lm_eval_task import add_eval_command
 
     add_import_command(sub)
     add_fetch_command(sub)
+    add_eval_command(sub)
     return parser
 
 
