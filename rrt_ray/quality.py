@@ -39,15 +39,15 @@ def conversion_arms() -> list[Arm]:
     arms = [Arm("original", "reference")]
     arms.append(Arm("avg-r64", "conversion", {"loops": 2, "init": "average", "lora_rank": 64}))
     arms.append(Arm("avg-r64-calib", "conversion", {"loops": 2, "init": "average", "lora_rank": 64, "calibration": CALIBRATION}))
+    arms.append(Arm("avg-r64-calib-recon", "conversion", {"loops": 2, "init": "average", "lora_rank": 64, "calibration": RECONSTRUCTION}))
     arms.append(Arm("avg-r128", "conversion", {"loops": 2, "init": "average", "lora_rank": 128}))
     arms.append(Arm("avg-r128-calib", "conversion", {"loops": 2, "init": "average", "lora_rank": 128, "calibration": CALIBRATION}))
-    arms.append(Arm("avg-r64-calib-recon", "conversion", {"loops": 2, "init": "average", "lora_rank": 64, "calibration": RECONSTRUCTION}))
     for init in ("stepwise", "lower"):
-        arms.append(Arm(f"{init[:4]}-r64", "conversion", {"loops": 2, "init": init, "lora_rank": 64}))
+        arms.append(Arm(f"{init}-r64", "conversion", {"loops": 2, "init": init, "lora_rank": 64}))
     for init in ("stepwise", "average", "lower"):
-        arms.append(Arm(f"{init[:4] if init != 'average' else 'avg'}-r0", "conversion", {"loops": 2, "init": init, "lora_rank": 0}))
+        arms.append(Arm(f"{init if init != 'average' else 'avg'}-r0", "conversion", {"loops": 2, "init": init, "lora_rank": 0}))
     for init in ("stepwise", "lower"):
-        arms.append(Arm(f"{init[:4]}-r128", "conversion", {"loops": 2, "init": init, "lora_rank": 128}))
+        arms.append(Arm(f"{init}-r128", "conversion", {"loops": 2, "init": init, "lora_rank": 128}))
     arms.append(Arm("avg-r64-3loops", "conversion", {"loops": 3, "init": "average", "lora_rank": 64}))
     arms.append(Arm("avg-r64-zero", "conversion", {"loops": 2, "init": "average", "lora_rank": 64, "lora_init": "zero"}))
     arms.append(Arm("avg-r128-calib-recon", "conversion", {"loops": 2, "init": "average", "lora_rank": 128, "calibration": RECONSTRUCTION}))
@@ -114,6 +114,33 @@ def run_arm(arm: Arm, teacher: str, windows: torch.Tensor, workdir: Path) -> dic
     return row
 
 
+COMPARISONS = (  # (what, baseline arm, arm): a finding is written only when both rows exist
+    ("activation-aware SVD + weighted init (a), rank 64", "avg-r64", "avg-r64-calib"),
+    ("layer-wise reconstruction on top of (a), rank 64", "avg-r64-calib", "avg-r64-calib-recon"),
+    ("activation-aware SVD + weighted init (a), rank 128", "avg-r128", "avg-r128-calib"),
+    ("layer-wise reconstruction on top of (a), rank 128", "avg-r128-calib", "avg-r128-calib-recon"),
+    ("rank 64 -> 128 (plain SVD, average)", "avg-r64", "avg-r128"),
+    ("average -> stepwise init, rank 64", "avg-r64", "stepwise-r64"),
+    ("SVD -> zero LoRA init, rank 64", "avg-r64", "avg-r64-zero"),
+    ("2 -> 3 loops, rank 64", "avg-r64", "avg-r64-3loops"),
+)
+NOT_BUILT = (
+    "5a middle_cycle arm: `--sharing middle_cycle` belongs to the registry engineer's item 4 (add the arm once it lands)",
+    "5b uptraining arms (same token budget each), 5c early-exit post-training, 5e tune sweep: not run on the shared 2-core machine",
+    "5d task accuracy: `rrt eval MODEL` exists (lm-eval, local next-line task); its numbers are not in this table yet",
+)
+
+
+def findings(rows: list[dict]) -> list[str]:
+    by_arm = {r["arm"]: r for r in rows}
+    lines = []
+    for what, base, arm in COMPARISONS:
+        if base in by_arm and arm in by_arm:
+            a, b = by_arm[base]["ppl"], by_arm[arm]["ppl"]
+            lines.append(f"- {what}: held-out ppl {a:.4g} -> {b:.4g} ({a / b:.3g}x {'lower' if b < a else 'higher'}).")
+    return lines
+
+
 def write_report(rows: list[dict], md_path: Path, plot_path: Path, command: str, machine: str) -> None:
     import matplotlib
 
@@ -133,6 +160,11 @@ def write_report(rows: list[dict], md_path: Path, plot_path: Path, command: str,
         share = f"{r['params'] / teacher['params']:.1%}" if teacher else ""
         options = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "the teacher itself"
         lines.append(f"| {r['arm']} | {options} | {r['params']:,} | {share} | {r['ppl']:.4g} | {r['convert_s']} | {r['eval_s']} |")
+    lines += ["", "## Findings (computed from the rows above)", "", *findings(rows), "", "## Missing", ""]
+    done = {r["arm"] for r in rows}
+    lines += [f"- arm {a.name}: no row yet" for a in conversion_arms() if a.name not in done]
+    lines += [f"- {item}" for item in NOT_BUILT]
+    lines += ["", f"Complete the table (resumes, skips finished arms): `{command.split(' --arms')[0]}`"]
     md_path.write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.bar([r["arm"] for r in rows], [r["ppl"] for r in rows], color=["gray" if r["group"] == "reference" else "tab:blue" for r in rows])
