@@ -12,7 +12,7 @@ export DS_ACCELERATOR := cpu
 
 install: $(STAMP)
 
-# Order matters (../shared/MACHINE.md): torch pinned first so nothing pulls a CUDA build, DeepSpeed
+# Order matters: torch pinned first so nothing pulls a CUDA build, DeepSpeed
 # without build isolation (its setup imports the torch already installed) and with no ops prebuilt.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 WARMUP_STEPS = 5  # left out of both arms' rates: allocator and DeepSpeed bucket warm-up
 

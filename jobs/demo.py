@@ -17,15 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for a plain checkout
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-import rrt_ray  # noqa: E402,F401  (registers the recursive model with the Auto classes)
-from rrt_ray import data, storage  # noqa: E402
-from rrt_ray.convert import convert_checkpoint  # noqa: E402
-from rrt_ray.evaluation import perplexity  # noqa: E402
+import rrt_ray  # noqa: F401  (registers the recursive model with the Auto classes)
+from rrt_ray import data, storage
+from rrt_ray.convert import convert_checkpoint
+from rrt_ray.evaluation import perplexity
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for a plain checkout
-
-from rrt_ray.storage import StorageError  # noqa: E402
-from rrt_ray.train.pretrain import PretrainConfig, pretrain_teacher  # noqa: E402
+from rrt_ray.storage import StorageError
+from rrt_ray.train.pretrain import PretrainConfig, pretrain_teacher
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,9 @@
 
 Recipe: parse the config, check every path and credential (one clear line and exit 2 on bad input,
 before any worker starts), convert the teacher unless model.student names a converted model, train
-with DeepSpeed ZeRO on Ray Train (checkpoints to run.storage, resumed automatically), export the
-uptrained model as a Hugging Face directory published under run.output.
+with DeepSpeed ZeRO on Ray Train (checkpoints to run.storage, resumed automatically; one log line per
+report with tokens/s and the time left; TensorBoard events under run.storage/run.name/tensorboard), export
+the uptrained model as a Hugging Face directory published under run.output.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for a plain checkout
-
-from rrt_ray.storage import StorageError  # noqa: E402
-from rrt_ray.train.config import TrainConfig  # noqa: E402
+from rrt_ray.storage import StorageError
+from rrt_ray.train.config import TrainConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"uptrain: {cfg.run.name}: student {cfg.model.student}, teacher {cfg.model.teacher or '-'}, "
           f"ZeRO-{cfg.zero.stage} {cfg.zero.precision}, {cfg.run.num_workers} workers, {cfg.optim.max_steps} steps")
+    print(f"uptrain: TensorBoard: tensorboard --logdir {cfg.run.storage}  (events under {cfg.run.storage}/{cfg.run.name}/tensorboard)")
     try:
         metrics = fit(cfg)
     except RuntimeError as err:

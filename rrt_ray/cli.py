@@ -68,8 +68,8 @@ def _run_convert(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     print(report.table())
-    ranks = ", ".join(f"{k}={v}" for k, v in report.lora_ranks.items()) or "none (plain recursive)"
-    print(f"LoRA ranks: {ranks}")
+    if not report.lora_ranks:
+        print("LoRA ranks: none (plain recursive)")
     print(f"wrote {report.out} in {report.seconds:.1f}s")
 
 

@@ -13,6 +13,7 @@ a temporary sibling of OUT and renamed into place at the end: a failed conversio
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
 from rrt_ray import storage
 from rrt_ray.convert.init_strategies import INIT_STRATEGIES, init_source_layers
@@ -34,7 +35,7 @@ from rrt_ray.convert.calibrate import CalibrationSpec, LayerStats, activation_we
 from rrt_ray.convert.gguf_import import resolve_model_path
 from rrt_ray.convert.lora_init import LORA_INITS, LoRAInitInput
 from rrt_ray.convert.source import SourceCheckpoint, checkpoint_renames, resolve_source
-from rrt_ray.models.arch import check_supported, layers_path, resolve_projections
+from rrt_ray.models.arch import ARCHITECTURES, arch_spec, check_supported, layers_path, resolve_projections
 from rrt_ray.models.config import RecursiveConfig
 from rrt_ray.models.layer_map import SHARING_MODES, check_loops, tied_layers
 from rrt_ray.models.lora import RelaxedLoRALinear
@@ -59,7 +60,11 @@ COPIED_FILES = (
 
 @dataclass
 class ConvertSpec:
-    """What `rrt convert` is asked to do. Validated before any weight is read."""
+    """What `rrt convert` is asked to do: built (and validated) once, before any weight is read, then passed on.
+
+    A new conversion option is a field here with a default and a check in __post_init__; it reaches the
+    saved config's provenance through `to_dict` without further edits.
+    """
 
     loops: int
     sharing: str = "cycle"
@@ -82,6 +87,8 @@ class ConvertSpec:
                 raise ValueError(f"--lora-rank must be an integer >= 0 or 'full', got {self.lora_rank!r}") from None
         if isinstance(self.lora_rank, int) and self.lora_rank < 0:
             raise ValueError(f"--lora-rank must be an integer >= 0 or 'full', got {self.lora_rank}")
+        if self.lora_targets is not None:
+            self.lora_targets = tuple(self.lora_targets)
         SHARING_MODES.check(self.sharing)
         INIT_STRATEGIES.check(self.init)
         LORA_INITS.check(self.lora_init)
@@ -89,6 +96,24 @@ class ConvertSpec:
             raise ValueError(f"unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
         if self.loops < 1:
             raise ValueError(f"--loops must be >= 1, got {self.loops}")
+
+    def to_dict(self) -> dict:
+        options = dataclasses.asdict(self)
+        options["lora_targets"] = None if self.lora_targets is None else list(self.lora_targets)
+        return options
+
+    def recursive_config(self, text: PreTrainedConfig, ranks: dict[str, int]) -> RecursiveConfig:
+        """The RecursiveConfig this spec makes of the original config `text` with resolved LoRA ranks."""
+        return RecursiveConfig(
+            text_config=text.to_dict(),
+            num_loops=self.loops,
+            sharing=self.sharing,
+            lora_rank=ranks,
+            lora_scale=self.lora_scale,
+            share_non_lora=self.share_non_lora,
+            init_strategy=self.init,
+            lora_init=self.lora_init,
+        )
 
 
 @dataclass
@@ -105,6 +130,8 @@ class ConvertReport:
         lines = [f"{'parameters':<12}{'count':>15}{'of original':>13}"]
         for role, n in rows:
             lines.append(f"{role:<12}{n:>15,}{n / self.original_params:>12.1%}")
+        if self.lora_ranks:  # per projection: clipped ones (narrower k/v under GQA) show their own rank
+            lines.append("LoRA rank   " + ", ".join(f"{leaf}={r}" for leaf, r in self.lora_ranks.items()))
         return "\n".join(lines)
 
 
@@ -124,29 +151,79 @@ def _check_out(out: str, overwrite: bool) -> Path:
     return path
 
 
-def _resolve_ranks(skeleton: RecursiveForCausalLM, spec: ConvertSpec) -> dict[str, int]:
+def _projection_shapes(original: torch.nn.Module, model_type: str) -> dict[str, tuple[int, int]]:
+    """Module name -> (d_out, d_in) of every linear projection in the original model's first decoder layer."""
+    spec = arch_spec(model_type)
+    layers = original.get_submodule(spec.layers) if _has_submodule(original, spec.layers) else None
+    if not isinstance(layers, torch.nn.ModuleList) or not layers:
+        raise ValueError(
+            f"unsupported architecture {model_type!r}: no decoder layer list at {spec.layers!r} "
+            f"(tested: {ARCHITECTURES.allowed()})"
+        )
+    return {
+        name.rpartition(".")[2]: (module.out_features, module.in_features)
+        for name, module in layers[0].named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+
+
+def _has_submodule(model: torch.nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _resolve_ranks(shapes: dict[str, tuple[int, int]], spec: ConvertSpec, model_type: str) -> dict[str, int]:
     """Rank per projection module name, validated against every matrix it applies to."""
-    shapes: dict[str, tuple[int, int]] = {}
-    for name, module in skeleton.unrolled_layers.shared[0].named_modules():
-        if isinstance(module, RelaxedLoRALinear):
-            shapes[name.rpartition(".")[2]] = (module.out_features, module.in_features)
-    targets = sorted(shapes) if spec.lora_targets is None else resolve_projections(spec.lora_targets, set(shapes))
+    targets = sorted(shapes) if spec.lora_targets is None else resolve_projections(spec.lora_targets, set(shapes), model_type)
     if spec.lora_rank == 0:
         return {}
-    ranks = {}
-    for leaf in targets:
-        full = min(shapes[leaf])
-        if spec.lora_rank == "full":
-            ranks[leaf] = full
-        elif spec.lora_rank > full:
-            out_f, in_f = shapes[leaf]
-            raise ValueError(
-                f"--lora-rank {spec.lora_rank} is larger than the {leaf} matrix allows ({out_f}x{in_f}: at most {full}); "
-                "use a smaller rank or 'full'"
-            )
-        else:
-            ranks[leaf] = spec.lora_rank
-    return ranks
+    full = {leaf: min(shapes[leaf]) for leaf in targets}  # a module's full rank: min(d_out, d_in)
+    if spec.lora_rank == "full":
+        return full
+    if spec.lora_rank > max(full.values()):
+        allowed = ", ".join(f"{leaf} {shapes[leaf][0]}x{shapes[leaf][1]}: {r}" for leaf, r in full.items())
+        raise ValueError(
+            f"--lora-rank {spec.lora_rank} is larger than the full rank of every targeted projection ({allowed}); "
+            f"use at most {max(full.values())} or 'full'"
+        )
+    # Narrower matrices (k/v under GQA/MQA) are clipped to their full rank, where they are exact.
+    return {leaf: min(spec.lora_rank, r) for leaf, r in full.items()}
+
+
+@dataclass
+class ConversionPlan:
+    """What converting a given model with a given spec produces, known before any weight is read."""
+
+    skeleton: RecursiveForCausalLM  # on the meta device
+    original: torch.nn.Module  # the source architecture, on the meta device
+    lora_ranks: dict[str, int]  # projection name -> rank (empty at rank 0)
+
+    @property
+    def params(self) -> dict[str, int]:
+        return self.skeleton.parameter_counts()
+
+    @property
+    def original_params(self) -> int:
+        return self.original.num_parameters()
+
+
+def plan_conversion(text: PreTrainedConfig, spec: ConvertSpec) -> ConversionPlan:
+    """Check spec against the source's config (architecture, loops, ranks) and build both meta models.
+
+    Raises ValueError naming the bad value and what is allowed; reads no weights, so a sweep can check
+    every point of its search space in milliseconds.
+    """
+    check_supported(text)
+    check_loops(text.num_hidden_layers, spec.loops, spec.sharing)
+    with torch.device("meta"):
+        original = AutoModelForCausalLM.from_config(text)
+    ranks = _resolve_ranks(_projection_shapes(original, text.model_type), spec, text.model_type)
+    with torch.device("meta"):
+        skeleton = RecursiveForCausalLM(spec.recursive_config(text, ranks))
+    return ConversionPlan(skeleton, original, ranks)
 
 
 class _LayerGroupConverter:
@@ -161,9 +238,10 @@ class _LayerGroupConverter:
         self.scale = config.lora_scale
 
     def _mean(self, layers: list[int], rel: str) -> torch.Tensor:
+        # Out of place: a source may hand out the same tensor again (a memory-mapped .bin), so never write to it.
         total = self.source.get(f"{self.prefix}.{layers[0]}.{rel}")
         for layer in layers[1:]:
-            total += self.source.get(f"{self.prefix}.{layer}.{rel}")
+            total = total + self.source.get(f"{self.prefix}.{layer}.{rel}")
         return total / len(layers)
 
     def _stack(self, k: int, rel: str) -> torch.Tensor:  # (B, *shape), one slice per depth
@@ -221,96 +299,105 @@ def _layer_tensors(layer: torch.nn.Module, k: int, group: _LayerGroupConverter) 
 def convert_checkpoint(
     src: str,
     out: str,
+    spec: ConvertSpec | None = None,
     *,
-    loops: int,
-    sharing: str = "cycle",
-    init: str = "average",
-    lora_rank: int | str = 0,
-    lora_init: str = "svd",
-    lora_targets: tuple[str, ...] | None = None,
-    lora_scale: float = 1.0,
-    share_non_lora: bool = False,
-    dtype: str = "float32",
-    calibration: CalibrationSpec | dict | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    **options,
 ) -> ConvertReport:
     """Convert SRC (a Hugging Face directory, hub id or s3:// URI) into a recursive model at OUT.
 
+    Pass a ConvertSpec, or its fields as keyword arguments (loops=2, lora_rank="full", ...).
     An s3:// SRC is downloaded (checksums verified) to a temporary directory first; an s3:// OUT is
     converted locally and then uploaded, its checksum manifest written last.
     """
+    if spec is None:
+        spec = ConvertSpec(**options)
+    elif options:
+        raise TypeError(f"pass either a ConvertSpec or its fields, not both (got {sorted(options)})")
     started = time.perf_counter()
-    spec = ConvertSpec(loops, sharing, init, lora_rank, lora_init, lora_targets and tuple(lora_targets), lora_scale, share_non_lora, dtype, calibration)
     if storage.is_remote(src) or storage.is_remote(out):
-        for uri in (src, out):
-            if storage.is_remote(uri):
-                storage.check_s3_access(uri)
-        if storage.is_remote(out) and storage.exists(storage.join(out, "config.json")) and not overwrite:
-            raise ValueError(f"OUT {out!r} already holds a model; pass --overwrite to replace it")
-        with tempfile.TemporaryDirectory(prefix="rrt-convert-") as scratch:
-            local_src = src
-            if storage.is_remote(src):
-                local_src = str(Path(scratch) / "src")
-                storage.download_dir(src, local_src)
-            local_out = str(Path(scratch) / "out") if storage.is_remote(out) else out
-            report = convert_checkpoint(
-                local_src, local_out, loops=loops, sharing=sharing, init=init, lora_rank=lora_rank,
-                lora_init=lora_init, lora_targets=lora_targets, lora_scale=lora_scale,
-                share_non_lora=share_non_lora, dtype=dtype, calibration=calibration, overwrite=overwrite, progress=progress,
-            )
-            if storage.is_remote(out):
-                storage.upload_dir(local_out, out)
-                report.out = out
-        report.seconds = time.perf_counter() - started
-        return report
+        report = _convert_remote(src, out, spec, overwrite, progress)
+    else:
+        report = _convert_local(src, out, spec, overwrite, progress)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _convert_remote(src: str, out: str, spec: ConvertSpec, overwrite: bool, progress: bool) -> ConvertReport:
+    for uri in (src, out):
+        if storage.is_remote(uri):
+            storage.check_s3_access(uri)
+    if storage.is_remote(out) and storage.exists(storage.join(out, "config.json")) and not overwrite:
+        raise ValueError(f"OUT {out!r} already holds a model; pass --overwrite to replace it")
+    with tempfile.TemporaryDirectory(prefix="rrt-convert-") as scratch:
+        local_src = src
+        if storage.is_remote(src):
+            local_src = str(Path(scratch) / "src")
+            storage.download_dir(src, local_src)
+        local_out = str(Path(scratch) / "out") if storage.is_remote(out) else out
+        report = _convert_local(local_src, local_out, spec, overwrite, progress, source_name=src)
+        if storage.is_remote(out):
+            storage.upload_dir(local_out, out)
+            report.out = out
+    return report
+
+
+def _convert_local(
+    src: str, out: str, spec: ConvertSpec, overwrite: bool, progress: bool, source_name: str | None = None
+) -> ConvertReport:
     out_path = _check_out(out, overwrite)
     src_path = resolve_source(resolve_model_path(src))  # a .gguf SRC is imported once, cached by content
-    text = AutoConfig.from_pretrained(src_path)
-    check_supported(text)
-    check_loops(text.num_hidden_layers, loops, sharing)
-
-    def build(ranks: dict[str, int]) -> RecursiveForCausalLM:
-        config = RecursiveConfig(
-            text_config=text.to_dict(),
-            num_loops=loops,
-            sharing=sharing,
-            lora_rank=ranks,
-            lora_scale=lora_scale,
-            share_non_lora=share_non_lora,
-            init_strategy=init,
-            lora_init=lora_init,
-        )
-        with torch.device("meta"):
-            return RecursiveForCausalLM(config)
-
-    ranks = _resolve_ranks(build({}), spec)
-    skeleton = build(ranks)
-    config = skeleton.config
-    with torch.device("meta"):
-        original = AutoModelForCausalLM.from_config(text)
-    original_params = original.num_parameters()
+    plan = plan_conversion(AutoConfig.from_pretrained(src_path), spec)
+    skeleton, original, ranks = plan.skeleton, plan.original, plan.lora_ranks
     source = SourceCheckpoint(src_path, checkpoint_renames(original))
+    config = skeleton.config
+    config.dtype = spec.dtype
+    config.provenance = provenance(source_name or src, src_path, spec)
     stats = calibration_stats(src_path, spec.calibration) if spec.calibration.enabled else None
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
-    try:
+    def write(tmp: Path) -> None:
         _write_weights(skeleton, source, spec, tmp, progress, stats)
-        config.dtype = dtype
         config.save_pretrained(tmp)
         for name in COPIED_FILES:
             if (src_path / name).is_file():
                 shutil.copy2(src_path / name, tmp / name)
         if spec.calibration.reconstruct:
             reconstruct_dir(tmp, stats, spec.calibration, DTYPES[spec.dtype])
+
+    _write_atomically(out_path, write)
+    return ConvertReport(str(out_path), skeleton.parameter_counts(), original.num_parameters(), 0.0, ranks)
+
+
+def _write_atomically(out_path: Path, write) -> None:
+    """write(tmp) fills a temporary sibling of OUT, which then replaces OUT; on any failure OUT is untouched."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
+    try:
+        write(tmp)
         if out_path.exists():
             shutil.rmtree(out_path)
         os.replace(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ConvertReport(str(out_path), skeleton.parameter_counts(), original_params, time.perf_counter() - started, ranks)
+
+
+def provenance(source: str, src_path: Path, spec: ConvertSpec) -> dict:
+    """What a converted model was made from: source, sha256 of its config and weight files, options, version."""
+    from rrt_ray import __version__
+    from rrt_ray.storage.manifest import sha256_file
+
+    files = sorted(
+        p for p in src_path.iterdir()
+        if p.is_file() and (p.name == "config.json" or p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))
+    )  # fmt: skip
+    return {
+        "source": source,
+        "source_sha256": {p.name: sha256_file(p) for p in files},
+        "conversion": spec.to_dict(),
+        "rrt_ray_version": __version__,
+    }
 
 
 def _write_weights(

@@ -4,16 +4,16 @@
   stdlib + Python docs), local .txt/.jsonl/.parquet, s3:// prefixes or hub datasets, with a
   deterministic ~2% held-out split (corpus.py).
 - `train_bpe_tokenizer(texts, vocab_size)`: a byte-level BPE `PreTrainedTokenizerFast` (tokenizer.py).
-- `tokenize_cached(texts, tokenizer, cache_dir)` / `pack_sequences(tokens, seq_len)`: one eos-separated
-  token stream, cached by content, cut into seq_len + 1 windows (packing.py).
+- `tokenize_cached(texts, tokenizer, cache_dir)`: one eos-separated token stream, cached by content
+  (packing.py); the loader cuts it into seq_len + 1 windows.
 - `ShardedSequenceLoader`: seeded per-epoch shuffle, disjoint rank shards, exact resume;
   `iter_eval_batches`: the held-out set in order (loader.py).
 """
 
 from rrt_ray.data.corpus import DEFAULT_CACHE_DIR, SPLITS, default_corpus_files, is_heldout, load_texts
 from rrt_ray.data.loader import ShardedSequenceLoader, iter_eval_batches
-from rrt_ray.data.packing import cache_key, pack_sequences, token_dtype, tokenize_cached, tokenize_texts
-from rrt_ray.data.tokenizer import SPECIAL_TOKENS, save_tokenizer, train_bpe_tokenizer
+from rrt_ray.data.packing import cache_key, token_dtype, tokenize_cached, tokenize_texts
+from rrt_ray.data.tokenizer import SPECIAL_TOKENS, train_bpe_tokenizer
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -25,8 +25,6 @@ __all__ = [
     "is_heldout",
     "iter_eval_batches",
     "load_texts",
-    "pack_sequences",
-    "save_tokenizer",
     "token_dtype",
     "tokenize_cached",
     "tokenize_texts",

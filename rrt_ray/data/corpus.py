@@ -30,11 +30,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+from rrt_ray import paths
+
 SPLITS = ("train", "heldout", "all")
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 HELDOUT_PER_10K = 200  # 2% of documents are held out
 TEXT_COLUMN = "text"
-DEFAULT_CACHE_DIR = "~/.cache/rrt_ray/sources"
+DEFAULT_CACHE_DIR = paths.cache_dir("sources")
 DOC_SOURCE_DIRS = ("/usr/share/doc/python3.11/html/_sources", "/usr/share/doc/python3.11-doc/html/_sources")
 _EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 _GLOB_CHARS = set("*?[")

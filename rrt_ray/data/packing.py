@@ -43,11 +43,17 @@ def tokenize_texts(texts: Sequence[str], tokenizer: Any) -> np.ndarray:
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
 
 
-def cache_key(texts: Sequence[str], tokenizer: Any) -> str:
-    """sha256 of the documents (in order) and the tokenizer definition (vocab, merges, specials)."""
-    digest = hashlib.sha256(CACHE_FORMAT.encode())
-    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of what decides the token ids: the full tokenizer definition (vocab, merges, specials) and eos."""
+    digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
     digest.update(str(tokenizer.eos_token_id).encode())
+    return digest.hexdigest()
+
+
+def cache_key(texts: Sequence[str], tokenizer: Any) -> str:
+    """sha256 of the documents (in order) and the tokenizer's fingerprint."""
+    digest = hashlib.sha256(CACHE_FORMAT.encode())
+    digest.update(tokenizer_fingerprint(tokenizer).encode())
     for text in texts:
         digest.update(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest())
     return digest.hexdigest()
@@ -73,14 +79,3 @@ def tokenize_cached(texts: Sequence[str], tokenizer: Any, cache_dir: str) -> np.
 def num_sequences(num_tokens: int, seq_len: int) -> int:
     """How many (seq_len + 1)-token sequences, stride seq_len, fit in a stream of num_tokens."""
     return max(0, (num_tokens - 1) // seq_len)
-
-
-def pack_sequences(tokens: np.ndarray, seq_len: int) -> np.ndarray:
-    """A (num_sequences, seq_len + 1) view of the stream: row i is tokens[i*L : i*L + L + 1]."""
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    count = num_sequences(len(tokens), seq_len)
-    if count == 0:
-        return np.zeros((0, seq_len + 1), dtype=tokens.dtype)
-    windows = np.lib.stride_tricks.sliding_window_view(tokens[: count * seq_len + 1], seq_len + 1)
-    return windows[::seq_len]

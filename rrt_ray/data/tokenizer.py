@@ -8,7 +8,6 @@ Training is deterministic for the same texts and settings.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,13 +16,13 @@ MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special toke
 
 
 def train_bpe_tokenizer(
-    texts: Iterable[str], vocab_size: int, out_dir: str | None = None, min_frequency: int = 2
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2
 ) -> Any:
     """Train a byte-level BPE tokenizer of at most vocab_size tokens on texts.
 
     The vocabulary can come out smaller than vocab_size on a small corpus (no pair is merged below
-    min_frequency). out_dir (local or s3://) receives `save_pretrained` files, loadable with
-    `AutoTokenizer.from_pretrained`. Returns a `transformers.PreTrainedTokenizerFast`.
+    min_frequency). Returns a `transformers.PreTrainedTokenizerFast`: its `save_pretrained` files load
+    with `AutoTokenizer.from_pretrained`.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -44,18 +43,4 @@ def train_bpe_tokenizer(
     )
     backend.train_from_iterator(texts, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, **SPECIAL_TOKENS)
-    if out_dir is not None:
-        save_tokenizer(tokenizer, out_dir)
     return tokenizer
-
-
-def save_tokenizer(tokenizer: Any, out_dir: str) -> None:
-    """save_pretrained to a local directory, or to an s3:// URI through rrt_ray.storage."""
-    from rrt_ray import storage
-
-    if not storage.is_remote(out_dir):
-        tokenizer.save_pretrained(out_dir)
-        return
-    with tempfile.TemporaryDirectory(prefix="rrt-tokenizer-") as tmp:
-        tokenizer.save_pretrained(tmp)
-        storage.upload_dir(tmp, out_dir)

@@ -24,12 +24,11 @@ from collections.abc import Sequence
 import torch
 
 from rrt_ray.kernels import torch_ops
-from rrt_ray.kernels.segments import DepthSegments, sort_by_depth
+from rrt_ray.kernels.segments import FLOAT_DTYPES, DepthSegments, TensorMemo, sort_by_depth
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 BACKEND_ENV = "RRT_LORA_BACKEND"
 INDEX_DTYPES = (torch.int32, torch.int64)
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 DepthIndex = int | torch.Tensor
 LoRAPair = tuple[torch.Tensor, torch.Tensor]
@@ -144,35 +143,18 @@ def _check_depth_index(depth_index: object, num_tokens: int, num_depths: int, de
         raise ValueError(f"depth_index must have shape ({num_tokens},) like x's tokens, got {tuple(depth_index.shape)}")
     if depth_index.device != device:
         raise ValueError(f"depth_index is on {depth_index.device}, x on {device}: they must be on one device")
-    if num_tokens and not _range_already_checked(depth_index, num_depths):
+    if num_tokens and not _range_checked.get(depth_index, num_depths):
         # One host sync on CUDA: a wrong index would otherwise read another depth's weights silently.
         lo, hi = (int(v) for v in torch.aminmax(depth_index))
         if lo < -1 or hi >= num_depths:
             bad = lo if lo < -1 else hi
             raise ValueError(f"depth_index holds {bad}: allowed -1 (no LoRA) .. {num_depths - 1}")
-        _remember_range_check(depth_index, num_depths)
+        _range_checked.put(depth_index, True, num_depths)
 
 
-# The last depth index that passed the range check. One serving step sends the same index through
-# every LoRA projection of every layer (7 per layer), so checking it once saves all but one host sync
-# per step. The key is the memory and its version counter (bumped by any in-place write, through any
-# view); the strong reference keeps that memory from being freed and reused by another tensor.
-_last_range_check: tuple | None = None
-
-
-def _range_check_key(depth_index: torch.Tensor, num_depths: int) -> tuple:
-    t = depth_index
-    return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride(), t._version, num_depths)
-
-
-def _range_already_checked(depth_index: torch.Tensor, num_depths: int) -> bool:
-    last = _last_range_check
-    return last is not None and last[1] == _range_check_key(depth_index, num_depths)
-
-
-def _remember_range_check(depth_index: torch.Tensor, num_depths: int) -> None:
-    global _last_range_check
-    _last_range_check = (depth_index, _range_check_key(depth_index, num_depths))
+# The last depth index that passed the range check, per thread: one serving step sends the same index
+# through every LoRA projection of every layer, so checking it once saves all but one host sync per step.
+_range_checked = TensorMemo()
 
 
 def _check_inputs(x: object, loras: Sequence[LoRAPair], depth_index: object, scale: object, single: bool) -> int:

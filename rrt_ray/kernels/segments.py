@@ -13,9 +13,14 @@ host sync; the forward and every backward kernel of one call reuse it.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+# The input dtypes every multi-LoRA path accepts.
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -55,32 +60,59 @@ def sort_by_depth(depth_index: torch.Tensor, num_depths: int) -> DepthSegments:
 # The serving engine orders its rows by loop depth, so a continuous depth-wise batch arrives as a few
 # contiguous runs, e.g. [0 0 0 1 1] -> (0, 0, 3), (1, 3, 5). Each run is then a plain slice of x: no
 # argsort, no gather, no scatter, and one run is exactly the uniform-depth cost. Every LoRA and norm
-# of one layer call sees the same depth tensor, so the runs are computed once and remembered.
+# of one layer call sees the same depth tensor, so the runs are computed once and remembered (TensorMemo).
 
 Run = tuple[int, int, int]  # (depth, start, end): rows start..end-1 are all at `depth`
 
-_last_runs: tuple[torch.Tensor, tuple, list[Run]] | None = None
+class TensorMemo:
+    """Remembers, per thread, one value derived from the last tensor it was given.
+
+    One serving step sends the same depth tensor through every LoRA and norm of a layer call (7+ per
+    layer), so what is derived from it (runs, a range check) is worth keeping for the next call. A hit
+    needs the same memory, shape, strides and version counter (bumped by any in-place write, through any
+    view); the strong reference keeps that memory from being freed and reused by another tensor.
+    Inference tensors (torch.inference_mode) have no version counter: for them a hit also needs equal
+    contents, compared with a snapshot (a cheap comparison of T ints; on CUDA one sync, as the work it
+    saves would cost). Thread-local, so concurrent callers never see each other's tensors.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    @staticmethod
+    def _key(t: torch.Tensor, extra: Any) -> tuple:
+        version = None if t.is_inference() else t._version
+        return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride(), version, extra)
+
+    def get(self, t: torch.Tensor, extra: Any = None) -> Any | None:
+        last = getattr(self._local, "last", None)
+        if last is None or last[1] != self._key(t, extra):
+            return None
+        snapshot = last[2]
+        if snapshot is not None and not torch.equal(snapshot, t):
+            return None
+        return last[3]
+
+    def put(self, t: torch.Tensor, value: Any, extra: Any = None) -> None:
+        snapshot = t.clone() if t.is_inference() else None
+        self._local.last = (t, self._key(t, extra), snapshot, value)
 
 
-def _runs_key(t: torch.Tensor) -> tuple:
-    # The tensor itself is held by the cache, so its storage (data_ptr) cannot be reused meanwhile;
-    # _version changes on any in-place write, through the tensor or a view of it.
-    return (t.device, t.dtype, t.data_ptr(), t.numel(), t.is_contiguous(), t._version)
+_runs_memo = TensorMemo()
 
 
 def depth_runs(depth_index: torch.Tensor) -> list[Run]:
     """Maximal runs of equal depth in `depth_index` (any shape, read flattened, row-major)."""
-    global _last_runs
-    key, last = _runs_key(depth_index), _last_runs  # one read: another thread may replace it meanwhile
-    if last is not None and last[1] == key:
-        return last[2]
+    runs = _runs_memo.get(depth_index)
+    if runs is not None:
+        return runs
     flat = depth_index.reshape(-1)
     if flat.numel() == 0:
-        runs: list[Run] = []
+        runs = []
     else:
         starts = [0] + (torch.nonzero(flat[1:] != flat[:-1]).reshape(-1) + 1).tolist()
         depths = flat[starts].tolist()
         ends = starts[1:] + [flat.numel()]
         runs = list(zip(depths, starts, ends))
-    _last_runs = (depth_index, key, runs)
+    _runs_memo.put(depth_index, runs)
     return runs

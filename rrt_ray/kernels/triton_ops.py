@@ -11,7 +11,7 @@ Two kernels cover the forward and the whole backward, both over depth segments (
         lora_weight_grad  dA[d] = sum dh_t x_t^T (D, r, d_in);  dB[d] = s * sum dy_t h_t^T (D, d_out, r)
 
 Shrink and expand are one kernel: they differ only in which of N and K is the small rank, so only
-their tile sizes differ (`_gather_matmul_tiles`). vLLM keeps them apart for split-K in the shrink and
+their tile sizes differ (`_tiles`). vLLM keeps them apart for split-K in the shrink and
 slice fusion in the expand, neither of which this project needs yet.
 
 Per-depth reductions (dA, dB) are done by sorting rather than atomics: one program owns one
@@ -34,9 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from rrt_ray.kernels.segments import DepthSegments
+from rrt_ray.kernels.segments import FLOAT_DTYPES, DepthSegments
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -142,19 +141,12 @@ def _tile(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-def _gather_matmul_tiles(num_tokens: int, n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K). BLOCK_M 16: serving batches put a few dozen tokens at each depth,
-    and tl.dot needs >= 16. The small rank side (n for shrink, k for expand) gets one tile up to 64.
+def _tiles(num_tokens: int, n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) for both kernels. BLOCK_M 16: serving batches put a few dozen tokens
+    at each depth, and tl.dot needs >= 16 (for the weight gradients it is the token chunk each program
+    loops over). The small rank side (n for shrink, k for expand) gets one tile up to 64.
     Under the interpreter every program costs python overhead while wide tiles are numpy-vectorised,
     so tiles grow there to keep test grids at a handful of programs."""
-    if _interpreting():
-        return _tile(num_tokens, 16, 64), _tile(n, 16, 256), _tile(k, 16, 256)
-    return 16, _tile(n, 16, 64), _tile(k, 16, 64)
-
-
-def _segment_outer_tiles(num_tokens: int, n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) for the weight gradients: BLOCK_M is the token chunk each program
-    loops over; the (N, K) tiles match the forward's. Same interpreter rule as above."""
     if _interpreting():
         return _tile(num_tokens, 16, 64), _tile(n, 16, 256), _tile(k, 16, 256)
     return 16, _tile(n, 16, 64), _tile(k, 16, 64)
@@ -206,7 +198,7 @@ def gather_matmul(
     out = inp.new_zeros(num_tokens, n)  # (T, N) zeros: the kernel never writes rows at depth -1
     if num_tokens == 0 or n == 0:
         return out
-    block_m, block_n, block_k = _gather_matmul_tiles(num_tokens, n, k)
+    block_m, block_n, block_k = _tiles(num_tokens, n, k)
     dot_fp32, precision = _dot_config(inp.dtype, inp.device)
     grid = (num_depths, triton.cdiv(num_tokens, block_m), triton.cdiv(n, block_n))
     _gather_matmul_kernel[grid](
@@ -257,7 +249,7 @@ def lora_weight_grad(
     out = left.new_empty(segments.num_depths, n, k, dtype=dtype or left.dtype)  # every element is stored
     if out.numel() == 0:
         return out
-    block_m, block_n, block_k = _segment_outer_tiles(num_tokens, n, k)
+    block_m, block_n, block_k = _tiles(num_tokens, n, k)
     dot_fp32, precision = _dot_config(left.dtype, left.device)
     grid = (segments.num_depths, triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     _segment_outer_kernel[grid](

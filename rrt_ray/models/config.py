@@ -12,6 +12,10 @@ from transformers.configuration_utils import SubConfigSpec
 
 from rrt_ray.models.layer_map import SHARING_MODES, check_loops
 
+# The version of the saved format (config.json fields and weight names). Bump it with any change a saved
+# model would notice, and keep loading the older versions: tests/models/data holds one of each.
+FORMAT_VERSION = 1
+
 
 class RecursiveConfig(PreTrainedConfig):
     r"""
@@ -24,6 +28,9 @@ class RecursiveConfig(PreTrainedConfig):
     lora_scale: h = W'x + lora_scale * B A x.
     share_non_lora: share norm weights and biases across depths (the paper's ablation) instead of one
         copy per depth (the default, which keeps full-rank conversion exact).
+    rrt_format_version: the saved format's version (FORMAT_VERSION when written by this code).
+    provenance: what the model was made from: source model, its files' sha256, the conversion options and
+        the rrt-ray version (written by `rrt convert`; later stages add theirs).
     init_strategy, lora_init: how the weights were initialised (provenance; read by `rrt convert`), names in
         rrt_ray.convert.init_strategies.INIT_STRATEGIES and rrt_ray.convert.lora_init.LORA_INITS.
     """
@@ -39,11 +46,18 @@ class RecursiveConfig(PreTrainedConfig):
     share_non_lora: bool = False
     init_strategy: str = "stepwise"
     lora_init: str = "svd"
+    rrt_format_version: int = FORMAT_VERSION
+    provenance: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.lora_rank is None:
             self.lora_rank = {}
+        if not isinstance(self.rrt_format_version, int) or not 1 <= self.rrt_format_version <= FORMAT_VERSION:
+            raise ValueError(
+                f"rrt_format_version {self.rrt_format_version!r} is not one this rrt-ray reads (1..{FORMAT_VERSION}); "
+                "the model was saved by a newer rrt-ray: upgrade it"
+            )
         # The init registries live with their implementations in rrt_ray.convert, which imports this
         # module: read them at validation time, not at import.
         from rrt_ray.convert.init_strategies import INIT_STRATEGIES

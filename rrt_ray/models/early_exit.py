@@ -15,13 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from rrt_ray.models.arch import arch_spec
 from rrt_ray.models.layer_map import SHARING_MODES
 from rrt_ray.models.lora import RelaxedLoRALinear
 from rrt_ray.models.per_depth import PerDepth
 from rrt_ray.models.recursive import RecursiveForCausalLM
+from rrt_ray.train.losses import cross_entropy, kd_divergence
 
 EXIT_SCHEDULES: dict[str, Callable[[int], list[float]]] = {
     "aggressive": lambda loops: [0.1] * (loops - 1) + [1.0],
@@ -58,22 +58,18 @@ def loop_exit_logits(model: RecursiveForCausalLM, input_ids: torch.Tensor, **kwa
 
 def early_exit_loss(
     exit_logits: list[torch.Tensor],  # [(B, L, V)] per loop, shallowest first
-    labels: torch.Tensor,  # (B, L) next-token targets, -100 ignored
+    labels: torch.Tensor,  # (B, L) next-token targets, IGNORE_INDEX ignored
     schedule: str = "aggressive",
     distill_weight: float = 1.0,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted CE over exits + self-distillation from the detached final exit. Returns (loss, per-exit CE)."""
     weights = exit_weights(schedule, len(exit_logits))
-    ces = [F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100) for logits in exit_logits]
+    ces = [cross_entropy(logits, labels) for logits in exit_logits]
     loss = sum(w * ce for w, ce in zip(weights, ces)) / sum(weights)
     if distill_weight > 0 and len(exit_logits) > 1:
-        mask = (labels != -100).flatten()
-        target = F.log_softmax(exit_logits[-1].detach().flatten(0, 1)[mask].float() / temperature, dim=-1)
-        kd = 0.0
-        for logits in exit_logits[:-1]:
-            student = F.log_softmax(logits.flatten(0, 1)[mask].float() / temperature, dim=-1)
-            kd = kd + F.kl_div(student, target, log_target=True, reduction="batchmean") * temperature**2
+        final = exit_logits[-1].detach()  # the teacher of every intermediate exit: KL(final || exit_b)
+        kd = sum(kd_divergence(logits, final, labels, "forward_kl", temperature) for logits in exit_logits[:-1])
         loss = loss + distill_weight * kd / (len(exit_logits) - 1)
     return loss, {f"exit{b + 1}_ce": ce.item() for b, ce in enumerate(ces)}
 

@@ -11,8 +11,12 @@ SEQUENCE: each shared layer is repeated B times in a row.
     N=6, B=3, K=2:  positions 0..5 -> shared 0,0,0,1,1,1 ; repeat 0,1,2,0,1,2
     tied groups:  |1-2-3 4-5-6|
 
+MIDDLE_CYCLE (Mixture-of-Recursions): the first and last layers stay unique, the middle N-2 are CYCLE-looped.
+    N=6, B=2, K=2:  positions 0..5 -> shared 0,1,2,1,2,3 ; depth 0,0,0,1,1,0    tied: |1| |2-4 3-5| |6|
+
 The "depth" of a position is its loop (CYCLE) or repeat (SEQUENCE) index: it selects the position's
-own LoRA and norm weights among the copies kept by its shared layer (one copy per layer tied to it).
+own LoRA and norm weights among the copies kept by its shared layer (one copy per layer tied to it; a
+layer tied to no other, as middle-cycle's first and last, keeps one copy and needs no LoRA: W' = W_l).
 
 Sharing modes are a registry, SHARING_MODES: a new mode is one `SharingMode` registered here; the
 model, the converter, the init strategies, the configs and the CLI all ask this module.
@@ -68,6 +72,24 @@ SHARING_MODES.register(
     "cycle", SharingMode(_cycle, loop_exits=True, help="cycle: loop the whole block |1-3-5 2-4-6| (exits between loops)")
 )
 SHARING_MODES.register("sequence", SharingMode(_sequence, help="sequence: repeat each layer B times in a row |1-2-3 4-5-6|"))
+
+
+def _middle_cycle(num_layers: int, num_loops: int) -> list[tuple[int, int]]:
+    """Mixture-of-Recursions' middle-cycle: layer 1 and layer N stay unique (shared 0 and K+1, one depth
+    each), the N-2 in between are CYCLE-looped over shared 1..K.  N=6, B=2:  |1| |2-4 3-5| |6|"""
+    num_shared = (num_layers - 2) // num_loops
+    middle = [(1 + m % num_shared, m // num_shared) for m in range(num_layers - 2)]
+    return [(0, 0), *middle, (num_shared + 1, 0)]
+
+
+SHARING_MODES.register(
+    "middle_cycle",
+    SharingMode(
+        _middle_cycle,
+        looped=lambda num_layers: num_layers - 2,
+        help="middle_cycle: first and last layers unique, the middle N-2 cycled |1| |2-4 3-5| |6| (loops divide N-2)",
+    ),
+)
 
 
 def check_loops(num_layers: int, num_loops: int, sharing: Sharing = "cycle") -> int:

@@ -99,9 +99,13 @@ class UnrolledLayers(nn.Module):
         return out
 
 
-def _relax_layer(layer: nn.Module, config: RecursiveConfig) -> None:
-    """Swap, in place, every linear of a shared layer for a RelaxedLoRALinear and wrap its norms."""
-    num_depths = config.num_loops
+def _relax_layer(layer: nn.Module, config: RecursiveConfig, num_depths: int) -> None:
+    """Swap, in place, every linear of a shared layer for a RelaxedLoRALinear and wrap its norms.
+
+    num_depths: how many original layers are tied to this shared layer. One that stays unique while
+    others loop (middle-cycle's first and last) gets no LoRA: its W' is its own original weight.
+    """
+    unique = num_depths < config.num_loops
     for name, module in list(layer.named_modules()):
         if module is layer:
             continue
@@ -112,7 +116,7 @@ def _relax_layer(layer: nn.Module, config: RecursiveConfig) -> None:
                 module.in_features,
                 module.out_features,
                 num_depths,
-                config.lora_rank.get(leaf, 0),
+                0 if unique else config.lora_rank.get(leaf, 0),
                 bias=module.bias is not None,
                 share_bias=config.share_non_lora,
                 scale=config.lora_scale,
@@ -168,8 +172,8 @@ def build_backbone(config: RecursiveConfig) -> PreTrainedModel:
             f"unsupported architecture {text.model_type!r}: no uniform decoder layer list at "
             f"{layers_path(text.model_type)!r} (tested: {ARCHITECTURES.allowed()})"
         )
-    for layer in shared:
-        _relax_layer(layer, config)
+    for layer, group in zip(shared, tied):
+        _relax_layer(layer, config, num_depths=len(group))
     setattr(parent, attr, UnrolledLayers(shared, unrolled_positions(num_layers, num_loops, sharing)))
     return backbone
 

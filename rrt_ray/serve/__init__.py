@@ -1,6 +1,6 @@
 """Serving: the continuous depth-wise batching engine (plain Python) and its Ray Serve deployment.
 
-`rrt_ray.serve.engine` does not import Ray; `rrt_ray.serve.app` is the only module here that does.
+`rrt_ray.serve.engine` does not import Ray; `rrt_ray.serve.app` and `rrt_ray.serve.launch` are the only modules here that do.
 """
 
 from rrt_ray.serve.engine import Engine, EngineConfig, ExitPolicy, RequestOutput

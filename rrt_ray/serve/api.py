@@ -73,6 +73,19 @@ class ServerSettings:
             raise ValueError(f"default_exit_threshold must be in [0, 1], got {self.default_exit_threshold}")
 
 
+class _Outcome:
+    """Counts one HTTP request once, whichever of the handler, the stream or an exception handler ends it."""
+
+    def __init__(self, metrics: RequestMetrics) -> None:
+        self.metrics, self.recorded = metrics, False
+        self.started = time.perf_counter()
+
+    def record(self, status: str) -> None:
+        if not self.recorded:
+            self.recorded = True
+            self.metrics.count(status, self.started if status == "ok" else None)
+
+
 @dataclass(frozen=True)
 class _Call:
     """One validated HTTP request on its way to the engine."""
@@ -81,6 +94,7 @@ class _Call:
     stream: bool
     include_usage: bool
     chat: bool
+    outcome: _Outcome
 
 
 def _is_cancellation(err: BaseException) -> bool:
@@ -106,6 +120,7 @@ class CompletionAPI:
         app.add_exception_handler(StarletteHTTPException, self._http_error)
         app.add_exception_handler(RequestValidationError, self._request_validation)
         app.add_exception_handler(Exception, self._server_error)
+        app.add_middleware(_ClientGone)
         app.add_api_route("/healthz", self.healthz, methods=["GET"])
         app.add_api_route("/metrics", self.metrics_endpoint, methods=["GET"])
         app.add_api_route("/v1/models", self.models, methods=["GET"])
@@ -114,31 +129,30 @@ class CompletionAPI:
 
     # ------------------------------------------------------------------ errors
 
-    def error_response(self, err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
-        self.metrics.count(_STATUS_LABELS.get(err.status, "error"))
-        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    def outcome(self, request: Request) -> _Outcome:
+        if not hasattr(request.state, "rrt_outcome"):
+            request.state.rrt_outcome = _Outcome(self.metrics)
+        return request.state.rrt_outcome
 
-    async def _api_error(self, _: Request, err: APIError) -> JSONResponse:
-        return self.error_response(err, err.headers)
+    def error_response(self, request: Request, err: APIError) -> JSONResponse:
+        self.outcome(request).record(_STATUS_LABELS.get(err.status, "error"))
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
-    async def _http_error(self, _: Request, err: StarletteHTTPException) -> JSONResponse:
-        return self.error_response(APIError(err.status_code, str(err.detail), _STATUS_TYPES.get(err.status_code, "invalid_request_error")))
+    async def _api_error(self, request: Request, err: APIError) -> JSONResponse:
+        return self.error_response(request, err)
 
-    async def _request_validation(self, _: Request, err: RequestValidationError) -> JSONResponse:
-        return self.error_response(APIError(400, str(err.errors()[0].get("msg", "invalid request"))))
+    async def _http_error(self, request: Request, err: StarletteHTTPException) -> JSONResponse:
+        type_ = _STATUS_TYPES.get(err.status_code, "invalid_request_error")
+        return self.error_response(request, APIError(err.status_code, str(err.detail), type_))
 
-    async def _server_error(self, _: Request, err: Exception) -> JSONResponse:
-        if _is_cancellation(err):  # the client went away while its request ran: nobody reads this answer
-            self.cancelled(err)
-            return JSONResponse(APIError(499, "client closed the request", "cancelled").body(), status_code=499)
+    async def _request_validation(self, request: Request, err: RequestValidationError) -> JSONResponse:
+        return self.error_response(request, APIError(400, str(err.errors()[0].get("msg", "invalid request"))))
+
+    async def _server_error(self, request: Request, err: Exception) -> JSONResponse:
         logger.exception("internal error")
-        self.metrics.count("error")
+        self.outcome(request).record("error")
         body = APIError(500, f"internal server error: {type(err).__name__}", "server_error").body()
         return JSONResponse(body, status_code=500)
-
-    def cancelled(self, err: BaseException | None = None) -> None:
-        logger.debug("client went away; request cancelled (%s)", type(err).__name__ if err else "disconnect")
-        self.metrics.count("cancelled")
 
     # ------------------------------------------------------------------ checks at the edge
 
@@ -230,6 +244,7 @@ class CompletionAPI:
         return {"object": "list", "data": [entry]}
 
     async def completions(self, request: Request):
+        outcome = self.outcome(request)  # its clock starts here
         self.check_auth(request)
         req: CompletionRequest = self.parse(CompletionRequest, await self.read_json(request))
         try:
@@ -243,9 +258,11 @@ class CompletionAPI:
         ids = [self.encode(p) for p in prompts]
         params = self.sampling(req)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await self.run(_Call([Generation(i, params) for i in ids], req.stream, include_usage, chat=False))
+        call = _Call([Generation(i, params) for i in ids], req.stream, include_usage, False, outcome)
+        return await self.run(call)
 
     async def chat_completions(self, request: Request):
+        outcome = self.outcome(request)
         self.check_auth(request)
         if not self.has_chat:
             raise APIError(404, "this model's tokenizer has no chat template; use /v1/completions", "not_found_error")
@@ -259,7 +276,8 @@ class CompletionAPI:
         ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
         params = self.sampling(req)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await self.run(_Call([Generation(self.encode(list(ids), "messages"), params)], req.stream, include_usage, chat=True))
+        call = _Call([Generation(self.encode(list(ids), "messages"), params)], req.stream, include_usage, True, outcome)
+        return await self.run(call)
 
     # ------------------------------------------------------------------ running a request
 
@@ -281,18 +299,18 @@ class CompletionAPI:
         return streams
 
     async def run(self, call: _Call):
-        started = time.perf_counter()
         streams = await self.start_all(call)
         request_id = protocol.new_id("chatcmpl" if call.chat else "cmpl")
         if call.stream:
-            events = self.sse(streams, request_id, call, started)
+            events = self.sse(streams, request_id, call)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             finals = await asyncio.gather(*(_final(s) for s in streams))
         except EngineUnavailable as err:
-            raise APIError(503, str(err), "server_error", headers={"Retry-After": str(err.retry_after_s)}) from None
-        except asyncio.CancelledError:
-            self.cancelled()
+            call.outcome.record("unavailable")
+            raise APIError(503, str(err), "server_error", code="engine_unavailable", headers={"Retry-After": str(err.retry_after_s)}) from None
+        except asyncio.CancelledError as err:
+            cancelled(call.outcome, err)
             raise
         finally:
             for s in streams:
@@ -300,10 +318,10 @@ class CompletionAPI:
         choices = [protocol.choice(i, f.text, f.finish_reason, f.exit_loops, call.chat) for i, f in enumerate(finals)]
         tokens = protocol.usage(sum(f.num_prompt_tokens for f in finals), sum(len(f.token_ids) for f in finals))
         body = protocol.completion_body(request_id, self.settings.model_name, choices, tokens, call.chat)
-        self.metrics.count("ok", started)
+        call.outcome.record("ok")
         return JSONResponse(body)
 
-    async def sse(self, streams: list[OutputStream], request_id: str, call: _Call, started: float) -> AsyncIterator[str]:
+    async def sse(self, streams: list[OutputStream], request_id: str, call: _Call) -> AsyncIterator[str]:
         model, chat = self.settings.model_name, call.chat
         prompt_tokens = completion_tokens = 0
         try:
@@ -321,18 +339,51 @@ class CompletionAPI:
                     completion_tokens += len(out.token_ids)
             if call.include_usage:
                 yield _event(protocol.completion_body(request_id, model, [], protocol.usage(prompt_tokens, completion_tokens), chat, chunk=True))
-            self.metrics.count("ok", started)
+            call.outcome.record("ok")
         except EngineUnavailable as err:  # after the first event: the client must retry the whole request
-            self.metrics.count("error")
+            call.outcome.record("unavailable")
             yield _event(APIError(503, str(err), "server_error", code="engine_unavailable").body())
         except BaseException as err:
             if _is_cancellation(err) or isinstance(err, GeneratorExit):
-                self.cancelled(err)
-            raise
+                cancelled(call.outcome, err)
+                raise
+            if not isinstance(err, Exception):
+                raise
+            logger.exception("internal error in a stream")  # a server bug: the client still gets JSON
+            call.outcome.record("error")
+            yield _event(APIError(500, f"internal server error: {type(err).__name__}", "server_error").body())
         finally:
             for stream in streams:
                 await stream.aclose()
         yield "data: [DONE]\n\n"
+
+
+class _ClientGone:
+    """ASGI middleware (inside Starlette's ServerErrorMiddleware): a request that fails because its client
+    went away (Ray Serve raises TaskCancelledError from `receive()`) ends quietly, counted as cancelled,
+    instead of reaching the 500 handler, which would log it and re-raise it into the server."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except Exception as err:
+            if not _is_cancellation(err):
+                raise
+            outcome = scope.get("state", {}).get("rrt_outcome")
+            if outcome is None:
+                logger.debug("client went away (%s)", type(err).__name__)
+            else:
+                cancelled(outcome, err)
+
+
+def cancelled(outcome: _Outcome, err: BaseException) -> None:
+    """A client that went away: one DEBUG line, counted as status="cancelled" (never an error)."""
+    if not outcome.recorded:
+        logger.debug("client went away; request cancelled (%s)", type(err).__name__)
+    outcome.record("cancelled")
 
 
 def build_app(client: EngineClient, tokenizer, settings: ServerSettings, api_key: str | None = None) -> FastAPI:

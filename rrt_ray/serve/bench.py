@@ -1,19 +1,22 @@
-"""The serving benchmark behind jobs/bench_serve.py: throughput, latency and quality of four setups.
+"""The serving benchmark behind jobs/bench_serve.py: throughput, latency and quality of five setups.
 
     (a) the original model, Hugging Face `generate` with static batches (a batch runs until its longest
         request is done; prompts left-padded)
     (b) the original model on the engine (continuous batching)
-    (c) the recursive model on the engine, no early exit (every token runs all loops)
+    (c) the recursive model on the engine, no early exit (every token runs all loops); "(c merged)" with
+        per-depth merged weights W' + B_b A_b instead of LoRA
     (d) the recursive model on the engine, continuous depth-wise batching + early exit, per threshold
+    (e) the recursive model on the engine, lossless self-speculative decoding (loop-1 drafts, deeper loops verify)
 
-Load: the same request list for every setup (prompt and output lengths drawn from ranges, prompts cut from
-held-out text), greedy, outputs of fixed length (eos ignored, so every setup generates the same tokens),
-a closed loop of `concurrency` clients: a client sends its next request when its previous one is answered.
-The engine is driven in-process (no HTTP), so the numbers are the engine's, not Ray Serve's.
+Loads (LOADS): the same request list for every setup (prompt and output lengths drawn from ranges, prompts
+cut from held-out text), greedy, outputs of fixed length (eos ignored, so every setup generates the same
+tokens), a closed loop of `concurrency` clients: a client sends its next request when its previous one is
+answered. The engine is driven in-process (no HTTP), so the numbers are the engine's, not Ray Serve's.
 
 Quality, teacher-forced on held-out sequences with each setup's own exits: perplexity, next-token accuracy,
 and top-1 agreement with the same model at full depth; plus, on the load's greedy outputs, the fraction of
-tokens before the first divergence from the full-depth output.
+tokens before the first divergence from the full-depth output. The step profile (`profile=True`) reruns
+each engine setup once under rrt_ray.serve.profile.StepProfiler.
 """
 
 from __future__ import annotations
@@ -29,7 +32,29 @@ from pathlib import Path
 import torch
 
 from rrt_ray.serve.engine import Engine, EngineConfig
+from rrt_ray.serve.exit_rules import EXIT_RULES, fit_exit_classifier
+from rrt_ray.serve.profile import CATEGORIES, StepProfiler
+from rrt_ray.serve.runner import WEIGHT_MODES
 from rrt_ray.serve.sampling import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadSpec:
+    """A request mix: how many, how concurrent, prompt and output lengths (uniform ranges, inclusive)."""
+
+    num_requests: int
+    concurrency: int
+    prompt_tokens: tuple[int, int]
+    output_tokens: tuple[int, int]
+
+
+# "mixed" is prefill-heavy (prompt tokens run every loop: exits save at most a share of the decode rows);
+# "decode-heavy" is what a chat or code-completion service sees, at 16 clients and at 1.
+LOADS: dict[str, LoadSpec] = {
+    "mixed": LoadSpec(48, 16, (16, 160), (16, 96)),
+    "decode-heavy": LoadSpec(48, 16, (16, 64), (128, 256)),
+    "decode-heavy-c1": LoadSpec(12, 1, (16, 64), (128, 256)),
+}
 
 
 @dataclasses.dataclass
@@ -55,8 +80,22 @@ class ServeBenchConfig:
     kv_fill: str = "propagate"
     torch_threads: int = 1
     seed: int = 0
+    loads: tuple[str, ...] = ("mixed",)  # "mixed" is the four fields above; the others come from LOADS
+    weights: str = "merged"  # weights of the (d) and (e) setups
+    exit_rule: str = "confidence"  # exit rule of the (d) setups; "classifier" fits one on the request half
+    draft_tokens: tuple[int, ...] = (4,)  # one (e) setup per value
+    profile: bool = False
 
     def __post_init__(self) -> None:
+        unknown = [name for name in self.loads if name not in LOADS]
+        if unknown or not self.loads:
+            raise ValueError(f"unknown load(s) {unknown or self.loads}; allowed: {', '.join(LOADS)}")
+        if self.weights not in WEIGHT_MODES:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")
+        if self.exit_rule not in EXIT_RULES:
+            raise ValueError(f"exit_rule must be one of {', '.join(EXIT_RULES)}, got {self.exit_rule!r}")
+        if any(k < 1 for k in self.draft_tokens):
+            raise ValueError(f"draft_tokens must be >= 1, got {self.draft_tokens}")
         for name in ("num_requests", "concurrency", "eval_sequences", "eval_tokens", "repeats", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -87,6 +126,10 @@ class ArmResult:
     prefix_match: float  # greedy outputs: fraction of tokens before the first divergence from full depth
     outputs: list[list[int]] = dataclasses.field(default_factory=list, repr=False)
     walls: list[float] = dataclasses.field(default_factory=list, repr=False)
+    weight_bytes: int = 0
+    steps: int = 0  # engine steps of the best round (0: not the engine)
+    accepted: float = math.nan  # speculative: accepted drafts / drafted tokens
+    profile: dict | None = None
 
 
 def token_stream(tokenizer, max_bytes: int = 3_000_000) -> list[int]:
@@ -119,8 +162,11 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def run_engine_load(engine: Engine, requests: list[Request], concurrency: int, threshold: float) -> tuple[float, list[float], list[list[int]], list[int]]:
-    """Closed loop: wall seconds, per-request latencies, outputs, exit loops of every token."""
+def run_engine_load(
+    engine: Engine, requests: list[Request], concurrency: int, threshold: float = 1.0, **params,
+) -> tuple[float, list[float], list[list[int]], list[int]]:
+    """Closed loop: wall seconds, per-request latencies, outputs, exit loops of every token.
+    params: more SamplingParams fields (exit_mode, draft_tokens)."""
     pending = list(enumerate(requests))[::-1]
     started_at: dict[str, tuple[int, float]] = {}
     latencies = [0.0] * len(requests)
@@ -129,8 +175,8 @@ def run_engine_load(engine: Engine, requests: list[Request], concurrency: int, t
 
     def submit() -> None:
         index, request = pending.pop()
-        params = SamplingParams(max_tokens=request.max_tokens, ignore_eos=True, exit_threshold=threshold)
-        rid = engine.add_request(request.prompt, params, request_id=f"bench-{index}")
+        sampling = SamplingParams(max_tokens=request.max_tokens, ignore_eos=True, exit_threshold=threshold, **params)
+        rid = engine.add_request(request.prompt, sampling, request_id=f"bench-{index}")
         started_at[rid] = (index, time.perf_counter())
 
     begin = time.perf_counter()
@@ -203,7 +249,32 @@ def _prefix_match(outputs: list[list[int]], reference: list[list[int]]) -> float
     return matched / max(total, 1)
 
 
-def run_benchmark(cfg: ServeBenchConfig, log: Callable[[str], None] = print) -> tuple[list[ArmResult], dict]:
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    key: str
+    name: str
+    engine: str | None  # None: HF generate
+    threshold: float = 1.0
+    params: tuple[tuple[str, object], ...] = ()  # more SamplingParams fields
+
+
+def _arms(cfg: ServeBenchConfig) -> list[Arm]:
+    rule = "" if cfg.exit_rule == "confidence" else f", {cfg.exit_rule} rule"
+    arms = [
+        Arm("a", "original, HF generate (static batches)", None),
+        Arm("b", "original, engine", "original"),
+        Arm("c", "recursive, engine, no early exit", "lora"),
+        Arm("c merged", "recursive, engine, no early exit, merged per-depth weights", "merged"),
+    ]
+    arms += [Arm(f"d{t}", f"recursive, CDB + early exit @ {t}{rule}, {cfg.weights}", "exit", t) for t in cfg.thresholds]
+    arms += [
+        Arm(f"e{k}", f"recursive, self-speculative, {k} drafts, {cfg.weights}", cfg.weights, 1.0, (("exit_mode", "speculative"), ("draft_tokens", k)))
+        for k in cfg.draft_tokens
+    ]
+    return arms
+
+
+def _load_models(cfg: ServeBenchConfig, log: Callable[[str], None]):
     import tempfile
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -211,117 +282,226 @@ def run_benchmark(cfg: ServeBenchConfig, log: Callable[[str], None] = print) -> 
     import rrt_ray  # noqa: F401
     from rrt_ray.convert import convert_checkpoint
 
-    torch.set_num_threads(cfg.torch_threads)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # noqa: E731
-    original, original_engine_model = load(cfg.model), load(cfg.model)
     recursive_dir = cfg.recursive
     if recursive_dir is None:
         recursive_dir = tempfile.mkdtemp(prefix="rrt-bench-serve-")
         convert_checkpoint(cfg.model, recursive_dir, loops=cfg.loops, init=cfg.init, lora_rank=cfg.lora_rank, progress=False, overwrite=True)
-    recursive = load(recursive_dir)
-    stream = token_stream(tokenizer)
-    requests, evals = make_workload(cfg, stream)
+    return tokenizer, load, recursive_dir
+
+
+def _engines(cfg: ServeBenchConfig, load, recursive_dir: str, max_len: int, classifier) -> dict[str, Engine]:
+    def make(path, **extra):
+        config = EngineConfig(
+            max_num_seqs=max(max(LOADS[n].concurrency for n in cfg.loads), cfg.concurrency, cfg.eval_sequences),
+            max_batch_tokens=cfg.max_batch_tokens, max_model_len=max_len, kv_fill=cfg.kv_fill, device="cpu", **extra,
+        )
+        return Engine(load(path), config=config, exit_classifier=classifier)
+
+    engines = {"original": make(cfg.model), "lora": make(recursive_dir), "merged": make(recursive_dir, weights="merged")}
+    engines["exit"] = engines[cfg.weights] if cfg.exit_rule == "confidence" else make(recursive_dir, weights=cfg.weights, exit_rule=cfg.exit_rule)
+    return engines
+
+
+def _run_arm(arm: Arm, engines: dict[str, Engine], original, requests: list[Request], concurrency: int, pad_id: int):
+    if arm.engine is None:
+        wall, latencies, outputs = run_static_load(original, requests, concurrency, pad_id)
+        return wall, latencies, outputs, [1] * sum(r.max_tokens for r in requests), {}
+    engine = engines[arm.engine]
+    before = dict(engine.stats)
+    wall, latencies, outputs, loops = run_engine_load(engine, requests, concurrency, arm.threshold, **dict(arm.params))
+    return wall, latencies, outputs, loops, {k: engine.stats[k] - before[k] for k in engine.stats}
+
+
+def run_load(
+    cfg: ServeBenchConfig, load_name: str, arms: list[Arm], engines: dict[str, Engine], original, requests: list[Request],
+    pad_id: int, log: Callable[[str], None],
+) -> dict[str, dict]:
+    """Every arm on one request list: `repeats` interleaved rounds, the best wall time kept; then a profile."""
+    concurrency = LOADS[load_name].concurrency if load_name != "mixed" else cfg.concurrency
     total_tokens = sum(r.max_tokens for r in requests)
-    max_len = max(cfg.prompt_tokens[1] + cfg.output_tokens[1], len(evals[0])) + 1
-    engine_config = EngineConfig(max_num_seqs=max(cfg.concurrency, cfg.eval_sequences), max_batch_tokens=cfg.max_batch_tokens, max_model_len=max_len, kv_fill=cfg.kv_fill)
-    engines = {"original": Engine(original_engine_model, config=engine_config), "recursive": Engine(recursive, config=engine_config)}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    arms = [("a", "original, HF generate (static batches)", None, None), ("b", "original, engine", "original", 1.0), ("c", "recursive, engine, no early exit", "recursive", 1.0)]
-    arms += [(f"d{t}", f"recursive, engine, CDB + early exit @ {t}", "recursive", t) for t in cfg.thresholds]
-    log(f"workload: {len(requests)} requests, {total_tokens} output tokens, concurrency {cfg.concurrency}; recursive model {recursive_dir}")
-
-    # warm-up (first calls allocate), then `repeats` interleaved rounds; the best wall time is kept
-    run_engine_load(engines["original"], requests[:2], 2, 1.0)
-    run_engine_load(engines["recursive"], requests[:2], 2, 0.5)
-    walls: dict[str, list[float]] = {key: [] for key, *_ in arms}
-    measured: dict[str, tuple] = {}
+    measured: dict[str, dict] = {}
     for round_ in range(cfg.repeats):
-        for key, name, which, threshold in arms:
-            if which is None:
-                wall, latencies, outputs = run_static_load(original, requests, cfg.concurrency, pad_id)
-                loops = [1] * total_tokens
-            else:
-                wall, latencies, outputs, loops = run_engine_load(engines[which], requests, cfg.concurrency, threshold)
-            walls[key].append(wall)
-            if key not in measured or wall < measured[key][0]:
-                measured[key] = (wall, latencies, outputs, loops)
-            log(f"round {round_ + 1}: {key:6s} {total_tokens / wall:8.1f} tok/s  ({name})")
+        for arm in arms:
+            wall, latencies, outputs, loops, stats = _run_arm(arm, engines, original, requests, concurrency, pad_id)
+            best = measured.setdefault(arm.key, {"walls": []})
+            best["walls"].append(wall)
+            if "wall" not in best or wall < best["wall"]:
+                best.update(wall=wall, latencies=latencies, outputs=outputs, loops=loops, stats=stats)
+            log(f"{load_name} round {round_ + 1}: {arm.key:9s} {total_tokens / wall:8.1f} tok/s  ({arm.name})")
+    if cfg.profile:
+        for arm in arms:
+            if arm.engine is None:
+                continue
+            profiler = StepProfiler(engines[arm.engine])
+            try:
+                wall, *_ = _run_arm(arm, engines, original, requests, concurrency, pad_id)
+            finally:
+                profiler.close()
+            measured[arm.key]["profile"] = {**profiler.report(), "wall_s": wall, "tokens": total_tokens}
+            log(f"{load_name} profile: {arm.key:9s} {total_tokens / wall:8.1f} tok/s under the profiler")
+    return measured
 
-    # quality, teacher-forced on held-out sequences
+
+def run_benchmark(cfg: ServeBenchConfig, log: Callable[[str], None] = print) -> tuple[dict[str, list[ArmResult]], dict]:
+    """Every load of cfg.loads through every setup. Returns ({load: [ArmResult]}, info)."""
+    torch.set_num_threads(cfg.torch_threads)
+    tokenizer, load, recursive_dir = _load_models(cfg, log)
+    original, recursive = load(cfg.model), load(recursive_dir)
+    stream = token_stream(tokenizer)
+    workloads = {}
+    for name in cfg.loads:
+        spec = LOADS[name]
+        load_cfg = cfg if name == "mixed" else dataclasses.replace(
+            cfg, num_requests=spec.num_requests, concurrency=spec.concurrency, prompt_tokens=spec.prompt_tokens, output_tokens=spec.output_tokens,
+        )
+        workloads[name] = make_workload(load_cfg, stream)
+    evals = workloads[cfg.loads[0]][1]
+    max_len = max(max(len(r.prompt) + r.max_tokens for r in w[0]) for w in workloads.values())
+    max_len = max(max_len, len(evals[0])) + 1
+    classifier = None
+    if cfg.exit_rule == "classifier":  # fitted on the request half of the stream, never on the eval half
+        half = len(stream) // 2
+        rng = random.Random(cfg.seed + 1)
+        starts = [rng.randrange(0, half - 129) for _ in range(32)]
+        classifier = fit_exit_classifier(recursive, [stream[s : s + 128] for s in starts])
+    engines = _engines(cfg, load, recursive_dir, max_len, classifier)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    arms = _arms(cfg)
+    log(f"loads {', '.join(cfg.loads)}; recursive model {recursive_dir}")
+    for engine in engines.values():  # warm-up: first calls allocate
+        run_engine_load(engine, workloads[cfg.loads[0]][0][:2], 2, 0.5)
+    quality = _quality(cfg, arms, engines, original, evals)
+    by_load, info = {}, {"recursive": recursive_dir, "loads": {}, "quality": quality}
+    weight_bytes = {k: e.runner.weight_bytes() for k, e in engines.items()}
+    hf_bytes = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in original.parameters()}.values())
+    for name in cfg.loads:
+        requests = workloads[name][0]
+        total_tokens = sum(r.max_tokens for r in requests)
+        measured = run_load(cfg, name, arms, engines, original, requests, pad_id, log)
+        results = []
+        for arm in arms:
+            m = measured[arm.key]
+            stats = m["stats"]
+            reference = measured["a" if arm.engine in (None, "original") else "c"]["outputs"]
+            q = quality[arm.key]
+            results.append(ArmResult(
+                name=f"({arm.key}) {arm.name}", tokens_per_s=total_tokens / m["wall"],
+                p50_s=_percentile(m["latencies"], 0.5), p99_s=_percentile(m["latencies"], 0.99),
+                mean_exit_loops=statistics.fmean(m["loops"]) if arm.engine not in (None, "original") else float("nan"),
+                perplexity=q["perplexity"], accuracy=q["accuracy"], agreement=q["agreement"],
+                prefix_match=_prefix_match(m["outputs"], reference), outputs=m["outputs"], walls=m["walls"],
+                weight_bytes=hf_bytes if arm.engine is None else weight_bytes[arm.engine], steps=stats.get("steps", 0),
+                accepted=stats["accepted_drafts"] / stats["drafted_tokens"] if stats.get("drafted_tokens") else math.nan,
+                profile=m.get("profile"),
+            ))
+        by_load[name] = results
+        spec = LOADS[name] if name != "mixed" else LoadSpec(cfg.num_requests, cfg.concurrency, cfg.prompt_tokens, cfg.output_tokens)
+        info["loads"][name] = {"requests": len(requests), "output_tokens": total_tokens, "spec": spec}
+    info["params"] = {"original": sum(p.numel() for p in original.parameters()), "recursive": sum(p.numel() for p in recursive.parameters())}
+    return by_load, info
+
+
+def _quality(cfg: ServeBenchConfig, arms: list[Arm], engines: dict[str, Engine], original, evals: list[list[int]]) -> dict[str, dict]:
+    """Teacher-forced held-out quality of every arm (speculative arms score as full depth: they are lossless)."""
     p = cfg.eval_prompt_tokens
     targets = [t for seq in evals for t in seq[p:]]
     hf_logprobs, hf_argmax = score_hf(original, evals, p)
-    full_depth = {"original": hf_argmax, "recursive": score_engine(engines["recursive"], evals, p, 1.0)[1]}
-    results = []
-    for key, name, which, threshold in arms:
-        if which is None:
-            logprobs, argmax, eval_loops = hf_logprobs, hf_argmax, [1]
+    full_depth = score_engine(engines["lora"], evals, p, 1.0)[1]
+    out = {}
+    for arm in arms:
+        if arm.engine is None:
+            logprobs, argmax = hf_logprobs, hf_argmax
         else:
-            logprobs, argmax, eval_loops = score_engine(engines[which], evals, p, threshold)
-        reference = full_depth[which or "original"]
-        wall, latencies, outputs, loops = measured[key]
-        reference_outputs = measured["a" if which in (None, "original") else "c"][2]
-        results.append(ArmResult(
-            name=f"({key}) {name}",
-            tokens_per_s=total_tokens / wall,
-            p50_s=_percentile(latencies, 0.5),
-            p99_s=_percentile(latencies, 0.99),
-            mean_exit_loops=statistics.fmean(loops) if which == "recursive" else float("nan"),
-            perplexity=math.exp(-statistics.fmean(logprobs)),
-            accuracy=statistics.fmean(float(a == t) for a, t in zip(argmax, targets)),
-            agreement=statistics.fmean(float(a == r) for a, r in zip(argmax, reference)),
-            prefix_match=_prefix_match(outputs, reference_outputs),
-            outputs=outputs, walls=walls[key],
-        ))
-        log(f"{key:6s} ppl {results[-1].perplexity:.2f}  acc {results[-1].accuracy:.3f}  eval exit loops {statistics.fmean(eval_loops):.2f}")
-    info = {
-        "requests": len(requests), "output_tokens": total_tokens, "recursive": recursive_dir,
-        "stats": {k: dict(e.stats) for k, e in engines.items()},
-        "exit_loop_counts": engines["recursive"].exit_loop_counts,
-        "params": {"original": sum(p.numel() for p in original.parameters()), "recursive": sum(p.numel() for p in recursive.parameters())},
-    }
-    return results, info
+            threshold = 1.0 if dict(arm.params).get("exit_mode") == "speculative" else arm.threshold
+            logprobs, argmax, _ = score_engine(engines[arm.engine], evals, p, threshold)
+        reference = hf_argmax if arm.engine in (None, "original") else full_depth
+        out[arm.key] = {
+            "perplexity": math.exp(-statistics.fmean(logprobs)),
+            "accuracy": statistics.fmean(float(a == t) for a, t in zip(argmax, targets)),
+            "agreement": statistics.fmean(float(a == r) for a, r in zip(argmax, reference)),
+        }
+    return out
 
 
-def write_report(
-    cfg: ServeBenchConfig, results: list[ArmResult], info: dict, out_md: Path, out_png: Path | None, machine: str,
-    command: str | None = None,
-) -> None:
-    """The results file (and the PNG); `command` is the exact command line that produced them."""
+def load_table(results: list[ArmResult], output_tokens: int) -> list[str]:
+    """One load's table: throughput, memory, latency, exits, quality (markdown lines)."""
     base = results[0]
     lines = [
-        "# Serving benchmark: static batching vs continuous batching vs depth-wise batching with early exit",
-        "",
-        f"`{command or f'python jobs/bench_serve.py --model {cfg.model}'}` ({machine}).",
-        "",
-        f"Load: {info['requests']} requests, the same list for every setup; prompts {cfg.prompt_tokens[0]}-{cfg.prompt_tokens[1]} tokens "
-        f"and outputs {cfg.output_tokens[0]}-{cfg.output_tokens[1]} tokens (uniform; {info['output_tokens']} output tokens in all, "
-        f"eos ignored), greedy, a closed loop of {cfg.concurrency} concurrent clients. The engine runs in-process (no HTTP). "
-        f"Best of {cfg.repeats} interleaved rounds; fp32, {cfg.torch_threads} torch thread(s).",
-        f"Models: original {info['params']['original'] / 1e6:.2f}M parameters; recursive ({info['recursive']}) "
-        f"{info['params']['recursive'] / 1e6:.2f}M.",
-        f"Quality: teacher-forced on {cfg.eval_sequences} held-out sequences ({cfg.eval_prompt_tokens}-token prefix, "
-        f"{cfg.eval_tokens} scored tokens) with each setup's own exits; agreement = top-1 agreement with the same model at "
-        "full depth; prefix match = share of the load's greedy output tokens before the first divergence from the "
-        "full-depth output ((a) for (b), (c) for (d)).",
-        "",
-        "| setup | tokens/s | vs (a) | p50 latency s | p99 latency s | mean exit loops | held-out ppl | next-token acc | agreement | prefix match |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| setup | tokens/s | vs (a) | weights MB | steps | p50 latency s | p99 latency s | mean exit loops | drafts kept | held-out ppl | next-token acc | agreement | prefix match |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         loops = "-" if math.isnan(r.mean_exit_loops) else f"{r.mean_exit_loops:.2f}"
+        kept = "-" if math.isnan(r.accepted) else f"{100 * r.accepted:.0f}%"
         lines.append(
-            f"| {r.name} | {r.tokens_per_s:.0f} | {r.tokens_per_s / base.tokens_per_s:.2f}x | {r.p50_s:.2f} | {r.p99_s:.2f} | {loops} | "
-            f"{r.perplexity:.2f} | {100 * r.accuracy:.1f}% | {100 * r.agreement:.1f}% | {100 * r.prefix_match:.1f}% |"
+            f"| {r.name} | {r.tokens_per_s:.0f} | {r.tokens_per_s / base.tokens_per_s:.2f}x | {r.weight_bytes / 1e6:.1f} | {r.steps or '-'} | "
+            f"{r.p50_s:.2f} | {r.p99_s:.2f} | {loops} | {kept} | {r.perplexity:.2f} | {100 * r.accuracy:.1f}% | {100 * r.agreement:.1f}% | "
+            f"{100 * r.prefix_match:.1f}% |"
         )
-    lines += ["", "Every round's tokens/s: " + "; ".join(f"{r.name.split(')')[0]}) " + ", ".join(f"{info['output_tokens'] / w:.0f}" for w in r.walls) for r in results) + "."]
+    lines += ["", "Every round's tokens/s: " + "; ".join(f"{r.name.split(')')[0]}) " + ", ".join(f"{output_tokens / w:.0f}" for w in r.walls) for r in results) + "."]
+    return lines
+
+
+def profile_table(results: list[ArmResult]) -> list[str]:
+    """ms per engine step in each category (share of the profiled wall), and the bound without Python."""
+    lines = [
+        "| setup | steps | rows/step | ms/step | " + " | ".join(CATEGORIES) + " | tokens/s profiled | bound: tokens/s if only tensor work remained |",
+        "|---|---:|---:|---:|" + "---:|" * len(CATEGORIES) + "---:|---:|",
+    ]
+    for r in results:
+        prof = r.profile
+        if prof is None:
+            continue
+        steps, total = max(prof["steps"], 1), prof["total_s"] or 1.0
+        cells = [f"{1e3 * prof['seconds'][c] / steps:.2f} ({100 * prof['seconds'][c] / total:.0f}%)" for c in CATEGORIES]
+        tensor_work = sum(prof["seconds"][c] for c in ("matmul", "lora", "norms", "attention", "exit", "kv_fill"))
+        lines.append(
+            f"| {r.name.split(')')[0]}) | {prof['steps']} | {prof['rows'] / steps:.1f} | {1e3 * total / steps:.2f} | " + " | ".join(cells)
+            + f" | {prof['tokens'] / prof['wall_s']:.0f} | {prof['tokens'] / tensor_work:.0f} |"
+        )
+    return lines
+
+
+def write_report(
+    cfg: ServeBenchConfig, by_load: dict[str, list[ArmResult]], info: dict, out_md: Path, out_png: Path | None, machine: str,
+    command: str | None = None, notes: str = "",
+) -> None:
+    """The results file (and the PNG of the first load); `command` is the exact command line."""
+    lines = [
+        "# Serving benchmark: static batching vs continuous batching vs depth-wise batching, early exit, self-speculative decoding",
+        "",
+        f"`{command or f'python jobs/bench_serve.py --model {cfg.model}'}` ({machine}).",
+        "",
+        f"Models: original {info['params']['original'] / 1e6:.2f}M parameters; recursive ({info['recursive']}) "
+        f"{info['params']['recursive'] / 1e6:.2f}M. Weights MB: every parameter (tied ones once) plus merged per-depth weights.",
+        f"Every load: the same request list for every setup, greedy, eos ignored (every setup generates the same number of tokens), "
+        f"a closed loop of concurrent clients; the engine in-process (no HTTP); best of {cfg.repeats} interleaved rounds; fp32, "
+        f"{cfg.torch_threads} torch thread(s). Quality: teacher-forced on {cfg.eval_sequences} held-out sequences "
+        f"({cfg.eval_prompt_tokens}-token prefix, {cfg.eval_tokens} scored tokens) with each setup's own exits; agreement = top-1 "
+        "agreement with the same model at full depth; prefix match = share of the load's greedy output tokens before the first "
+        "divergence from the full-depth output ((a) for (b), (c) for the recursive setups); drafts kept = accepted / drafted.",
+    ]
+    if notes:
+        lines += ["", notes]
+    for name, results in by_load.items():
+        load = info["loads"][name]
+        spec = load["spec"]
+        lines += [
+            "", f"## Load `{name}`: {load['requests']} requests, prompts {spec.prompt_tokens[0]}-{spec.prompt_tokens[1]} tokens, "
+            f"outputs {spec.output_tokens[0]}-{spec.output_tokens[1]} ({load['output_tokens']} output tokens), concurrency {spec.concurrency}", "",
+        ]
+        lines += load_table(results, load["output_tokens"])
+        if any(r.profile for r in results):
+            lines += ["", f"Step profile (`{name}`, one more run of each engine setup under the profiler):", ""]
+            lines += profile_table(results)
     if out_png is not None:
         lines += ["", f"![throughput vs quality]({out_png.name})"]
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text("\n".join(lines) + "\n")
     if out_png is not None:
-        _plot(results, out_png)
+        _plot(next(iter(by_load.values())), out_png)
 
 
 def _plot(results: list[ArmResult], path: Path) -> None:

@@ -22,6 +22,14 @@ Notable features:
   skipped positions. Option "share": copy the exit loop's keys/values into the deeper loops' slots (no
   compute; the keys then come from a shallower layer's projections, which the model was not trained on
   unless trained for KV sharing).
+- Per-request exit_mode: "confidence" (above; lossy), "none" (full depth) or "speculative": lossless
+  self-speculative decoding (rrt_ray.serve.speculative). The loop-1 exit drafts draft_tokens tokens, one
+  step each (draft rows, loop 1); then the drafted positions run the deeper loops together as one unit
+  (verify rows), reusing their loop-1 hidden states and keys/values, and the longest prefix the full-depth
+  model agrees with is kept. Draft rows of one request share steps with verify rows of others.
+- Exit rules (`EngineConfig.exit_rule`): "confidence" needs the exit head's logits for every token it
+  scores; "classifier" (rrt_ray.serve.exit_rules) scores the hidden state with a tiny learned probe and
+  runs the head only for the tokens that leave.
 - Plain Hugging Face models run through the same engine (one "loop" of all N layers, no exit), so both
   sides of a comparison share the scheduler, the cache and the attention.
 - Everything in a layer except attention over the cache is the HF layer's own code; the attention is
@@ -38,15 +46,29 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
 
+from rrt_ray.serve.exit_rules import EXIT_RULES, ExitClassifier
 from rrt_ray.serve.kv_cache import KVPool, Span, StepBatch
-from rrt_ray.serve.runner import ModelRunner
-from rrt_ray.serve.sampling import SamplingParams, make_generator, sample_token
+from rrt_ray.serve.runner import WEIGHT_MODES, ModelRunner
+from rrt_ray.serve.sampling import SamplingParams, make_generator, sample_token, token_probs
+from rrt_ray.serve.speculative import accept_greedy, accept_sampled
 
 KV_FILL_MODES: tuple[str, ...] = ("propagate", "share")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+DTYPES: dict[str, torch.dtype | None] = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto: CUDA when one is visible, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("engine device 'cuda' was asked for, but no CUDA device is visible; allowed here: auto, cpu")
+    return torch.device(device)
 
 
 @dataclass
@@ -58,12 +80,24 @@ class EngineConfig:
         leave (decode tokens always run, so a step can exceed it by at most max_num_seqs).
     max_model_len: prompt + max_tokens of one request; None: the model's max_position_embeddings.
     kv_fill: how an early-exited token's missing deeper keys/values are filled: "propagate" or "share".
+    weights: "lora" (W'x + B_b A_b x) or "merged" (a dense W' + B_b A_b per depth: the original model's
+        arithmetic for B x the relaxed projections' memory); see rrt_ray.serve.runner.
+    device: "auto" (CUDA when visible), "cpu" or "cuda": the model and every tensor the engine makes.
+    exit_rule: what a request's exit_threshold is compared with: "confidence" (the exit head's max softmax
+        probability: the head runs for every scored token) or "classifier" (a learned probe on the hidden
+        state; the head runs only where a token leaves). See rrt_ray.serve.exit_rules.
+    dtype: "auto" (the model's own), "float32", "bfloat16" or "float16" (the latter two for GPUs; these
+        CPUs have no fast bf16 path). Exit decisions and sampling always read fp32 logits.
     """
 
     max_num_seqs: int = 16
     max_batch_tokens: int = 256
     max_model_len: int | None = None
     kv_fill: str = "propagate"
+    weights: str = "lora"
+    device: str = "auto"
+    dtype: str = "auto"
+    exit_rule: str = "confidence"
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -74,6 +108,14 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.kv_fill not in KV_FILL_MODES:
             raise ValueError(f"unknown kv_fill {self.kv_fill!r}; allowed: {', '.join(KV_FILL_MODES)}")
+        if self.weights not in WEIGHT_MODES:
+            raise ValueError(f"unknown weights {self.weights!r}; allowed: {', '.join(WEIGHT_MODES)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; allowed: {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
+        if self.exit_rule not in EXIT_RULES:
+            raise ValueError(f"unknown exit_rule {self.exit_rule!r}; allowed: {', '.join(EXIT_RULES)}")
 
 
 @dataclass
@@ -91,6 +133,11 @@ class RequestOutput:
     num_prompt_tokens: int
     finished: bool
     finish_reason: str | None  # "stop", "length", "abort"
+    top_logprobs: list[dict[int, float]] | None = None  # per generated token, when params.logprobs is set
+    prompt_logprobs: list[float | None] | None = None  # full depth, None for the first prompt token
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    drafted: int = 0  # speculative mode: tokens drafted by the loop-1 exit
+    accepted: int = 0  # ... and kept by the full-depth verification
 
 
 @dataclass
@@ -114,6 +161,20 @@ class RequestState:
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.monotonic)
     generator: torch.Generator | None = None
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    prompt_rows_left: int = 0  # prompt rows still to run their last loop
+    # speculative mode: the round being drafted
+    drafts: list[int] = field(default_factory=list)
+    draft_probs: list[torch.Tensor] = field(default_factory=list)  # (V,) each, sampled requests only
+    parked: list["_Unit"] = field(default_factory=list)  # draft inputs after loop 1, waiting to verify
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def speculative(self) -> bool:
+        return self.params.exit_mode == "speculative" and self.loop_limit > 1
 
     @property
     def num_tokens(self) -> int:
@@ -129,7 +190,8 @@ class _Unit:
     token_ids: torch.Tensor  # (n,)
     hidden: torch.Tensor | None = None  # (n, d) after `loops_done` loops; None before loop 1
     loops_done: int = 0
-    emits: bool = False  # its last row predicts the request's next token
+    emits: bool = False  # its last row predicts the request's next token (every row, for "verify")
+    kind: str = "decode"  # "prompt", "decode", "draft" (speculative, loop 1 only) or "verify" (all rows)
 
     def __len__(self) -> int:
         return self.token_ids.shape[0]
@@ -142,7 +204,7 @@ class ExitPolicy:
     """
 
     def needs_confidence(self, request: RequestState, loops_done: int) -> bool:
-        return request.params.exit_threshold < 1.0
+        return request.params.exit_mode == "confidence" and request.params.exit_threshold < 1.0
 
     def should_exit(self, request: RequestState, loops_done: int, confidence: float) -> bool:
         threshold = request.params.exit_threshold
@@ -164,11 +226,17 @@ class Engine:
         tokenizer=None,
         config: EngineConfig | None = None,
         exit_policy: ExitPolicy | None = None,
+        exit_classifier: ExitClassifier | None = None,
     ) -> None:
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(model.eval())
+        model = model.eval().to(device=resolve_device(self.config.device), dtype=DTYPES[self.config.dtype])
+        self.runner = ModelRunner(model, weights=self.config.weights)
+        self.device = self.runner.device
         self.exit_policy = exit_policy or ExitPolicy()
+        if self.config.exit_rule == "classifier" and exit_classifier is None:
+            raise ValueError("exit_rule 'classifier' needs a fitted ExitClassifier (rrt_ray.serve.exit_rules.fit_exit_classifier)")
+        self.exit_classifier = None if exit_classifier is None else exit_classifier.to(self.device)
         max_positions = getattr(self.runner.text_config, "max_position_embeddings", None)
         self.max_model_len = self.config.max_model_len or max_positions or 2048
         self.pool = KVPool(self.runner.num_slots, self.config.max_num_seqs, self.max_model_len)
@@ -180,7 +248,10 @@ class Engine:
         self._ids = itertools.count()
         self._finished_outputs: list[RequestOutput] = []
         # Counters the server exports (read-only outside).
-        self.stats = dict.fromkeys(("steps", "generated_tokens", "prompt_tokens", "rows", "filled_rows", "mixed_depth_steps"), 0)
+        self.stats = dict.fromkeys((
+            "steps", "generated_tokens", "prompt_tokens", "rows", "filled_rows", "mixed_depth_steps",
+            "head_rows", "drafted_tokens", "accepted_drafts",
+        ), 0)
         self.exit_loop_counts = [0] * (self.num_loops + 1)  # index = loops run
 
     @property
@@ -204,14 +275,20 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         if teacher_ids is not None:
             teacher_ids = self._check_ids(teacher_ids, "teacher ids")
-            fields = {**params.__dict__, "max_tokens": len(teacher_ids), "stop": (), "stop_token_ids": (), "ignore_eos": True}
+            # speculative teacher forcing would score full depth anyway: score it as "none"
+            mode = "none" if params.exit_mode == "speculative" else params.exit_mode
+            fields = {**params.__dict__, "max_tokens": len(teacher_ids), "stop": (), "stop_token_ids": (), "ignore_eos": True, "exit_mode": mode}
             params = SamplingParams(**fields)
         prompt = self.check_request(prompt_ids, params)
         loop_limit = min(self.num_loops, params.max_loops or self.num_loops)
-        self.waiting.append(RequestState(
+        request = RequestState(
             request_id, prompt, params, loop_limit, teacher_ids=teacher_ids,
             generator=None if params.greedy else make_generator(params.seed),
-        ))
+        )
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None] * len(prompt)
+            request.prompt_top_logprobs = [None] * len(prompt)
+        self.waiting.append(request)
         return request_id
 
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
@@ -279,29 +356,32 @@ class Engine:
         if n <= 0:
             return 0
         start = request.prefilled
-        ids = torch.tensor(request.prompt_ids[start : start + n])
-        self._inflight.append(_Unit(request, start, ids, emits=start + n == len(request.prompt_ids)))
+        ids = torch.tensor(request.prompt_ids[start : start + n], device=self.device)
+        last = start + n == len(request.prompt_ids)
+        self._inflight.append(_Unit(request, start, ids, emits=last and request.params.max_tokens > 0, kind="prompt"))
         request.prefilled += n
         self.stats["prompt_tokens"] += n
         return n
 
-    def _make_batch(self, units: list[_Unit], loops: list[int], fill_only: bool = False) -> StepBatch:
+    def _make_batch(self, units: list[_Unit], loops: list[int]) -> StepBatch:
+        # python lists, one tensor each: a few small host-to-device copies instead of 3 per unit
         seqs, pos, loop_rows, spans, row = [], [], [], [], 0
         for unit, loop in zip(units, loops):
             n = len(unit)
-            seqs.append(torch.full((n,), unit.request.seq))
-            pos.append(torch.arange(unit.start, unit.start + n))
-            loop_rows.append(torch.full((n,), loop))
+            seqs += [unit.request.seq] * n
+            pos += range(unit.start, unit.start + n)
+            loop_rows += [loop] * n
             spans.append(Span((row, row + n), unit.request.seq, unit.start, loop))
             row += n
+        as_tensor = partial(torch.tensor, device=self.device)
         return StepBatch(
-            self.pool, torch.cat(seqs), torch.cat(pos), torch.cat(loop_rows),
-            self.runner.slot_table, spans, fill_only=fill_only,
+            self.pool, as_tensor(seqs), as_tensor(pos), as_tensor(loop_rows),
+            self.runner.slot_table, spans, distinct_loops=sorted(set(loops)),
         )
 
     @torch.no_grad()  # not inference_mode: multi_lora caches checks by tensor version
     def step(self) -> list[RequestOutput]:
-        """Run one loop of the block over every token in flight; exit, sample, refill. Returns updates."""
+        """Run one loop of the block over every token in flight; exit, draft, verify, sample, refill."""
         outputs, self._finished_outputs = self._finished_outputs, []
         self._schedule()
         if not self._inflight:
@@ -320,50 +400,159 @@ class Engine:
         hidden = self.runner.run_loop(torch.cat([u.hidden for u in units]), batch)  # (T, d)
         self.stats["steps"] += 1
         self.stats["rows"] += hidden.shape[0]
-        self.stats["mixed_depth_steps"] += int(len({u.loops_done for u in units}) > 1)
+        self.stats["mixed_depth_steps"] += int(len(batch.distinct_loops) > 1)
         offset = 0
         for u in units:
             u.hidden, offset = hidden[offset : offset + len(u)], offset + len(u)
             u.loops_done += 1
 
-        exited = self._decide_exits([u for u in units if u.emits])
+        fresh: list[_Unit] = []  # units that enter loop 1 next step
         touched: dict[str, RequestState] = {}
+        self._score_prompts([u for u in units if u.kind == "prompt" and u.loops_done == u.request.loop_limit], touched)
+        exited = self._decide_exits([u for u in units if u.emits and u.kind in ("prompt", "decode")])
         for unit, logits, logprobs in exited:
             self._accept_token(unit.request, logits, logprobs, unit.loops_done)
         self._fill_skipped([u for u, _, _ in exited if u.request.finish_reason is None])
         for unit, _, _ in exited:
-            request = unit.request
-            touched[request.request_id] = request
+            touched[unit.request.request_id] = unit.request
             unit.emits = False
             if len(unit) > 1:  # the rest of a prompt chunk still needs its deeper loops
                 unit.token_ids, unit.hidden = unit.token_ids[:-1], unit.hidden[:-1]
             else:
-                unit.loops_done = request.loop_limit  # done: dropped below
+                unit.loops_done = unit.request.loop_limit  # done: dropped below
+            if unit.request.finish_reason is None:
+                fresh.append(self._next_unit(unit.request))
+        fresh += self._draft([u for u in units if u.emits and u.kind == "draft"])
+        verified = [u for u in units if u.emits and u.kind == "verify" and u.loops_done >= u.request.loop_limit]
+        fresh += self._verify(verified, touched)
         self._inflight = [u for u in units if u.loops_done < u.request.loop_limit and u.request.finish_reason is None]
-        for request in touched.values():
-            if request.finish_reason is None:  # refill at once: the next token enters loop 1 next step
-                position = request.num_tokens - 1
-                last = request.output_ids[-1]
-                self._inflight.append(_Unit(request, position, torch.tensor([last]), emits=True))
-            outputs.append(self._output(request))
+        self._inflight += [u for u in fresh if u.request.finish_reason is None]
+        outputs += [self._output(request) for request in touched.values()]
         return outputs
 
+    def _next_unit(self, request: RequestState) -> _Unit:
+        """The request's last token, entering loop 1: a decode row, or the first draft of a round."""
+        last = torch.tensor([request.output_ids[-1]], device=self.device)
+        return _Unit(request, request.num_tokens - 1, last, emits=True, kind="draft" if request.speculative else "decode")
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Exit-head logits (U, V) fp32 for hidden (U, d); counts the rows (the head is the costly part)."""
+        self.stats["head_rows"] += hidden.shape[0]
+        return self.runner.exit_logits(hidden)
+
+    def _score_prompts(self, units: list[_Unit], touched: dict[str, RequestState]) -> None:
+        """Prompt rows that ran their last loop: full-depth log-probs of the next prompt token (echo)."""
+        rows = []
+        for u in units:
+            request = u.request
+            request.prompt_rows_left -= len(u)
+            if request.prompt_logprobs is not None:
+                n = min(len(u), len(request.prompt_ids) - 1 - u.start)  # rows whose next token is a prompt token
+                rows += [(u, i) for i in range(n)]
+            if request.prompt_rows_left == 0 and request.params.max_tokens == 0:
+                touched[request.request_id] = request
+        if rows:
+            logprobs = torch.log_softmax(self._head(torch.stack([u.hidden[i] for u, i in rows])), dim=-1)  # (R, V)
+            targets = torch.tensor([u.request.prompt_ids[u.start + i + 1] for u, i in rows], device=self.device)
+            chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+            for (u, i), lp, row in zip(rows, chosen, logprobs):
+                u.request.prompt_logprobs[u.start + i + 1] = lp
+                u.request.prompt_top_logprobs[u.start + i + 1] = _top(row, u.request.params.prompt_logprobs)
+        for request in touched.values():
+            if request.finish_reason is None and request.params.max_tokens == 0 and request.prompt_rows_left == 0:
+                self._finish(request, "length")
+
     def _decide_exits(self, candidates: list[_Unit]) -> list[tuple[_Unit, torch.Tensor, torch.Tensor]]:
-        """Which emitting units exit after this loop, with their exit-head logits and log-probs (V,)."""
+        """Which emitting units exit after this loop, with their exit-head logits and log-probs (V,).
+
+        A unit at its loop limit always exits. Otherwise the exit rule scores it: the confidence rule from
+        the head's logits (so the head runs for every scored unit), the classifier from the hidden state
+        (so the head runs only for the units that leave)."""
+        leaving = [u for u in candidates if u.loops_done >= u.request.loop_limit]
         scored = [
             u for u in candidates
-            if u.loops_done >= u.request.loop_limit or self.exit_policy.needs_confidence(u.request, u.loops_done)
+            if u.loops_done < u.request.loop_limit and self.exit_policy.needs_confidence(u.request, u.loops_done)
         ]
-        if not scored:
+        known: dict[int, torch.Tensor] = {}  # id(unit) -> logits already computed by the confidence rule
+        if scored:
+            hidden = torch.stack([u.hidden[-1] for u in scored])  # (U, d)
+            if self.config.exit_rule == "classifier":
+                loops = torch.tensor([u.loops_done - 1 for u in scored], device=self.device)
+                scores = self.exit_classifier(self.runner.final_norm(hidden).float(), loops).tolist()
+            else:
+                logits = self._head(hidden)  # (U, V)
+                scores = torch.softmax(logits, dim=-1).amax(dim=-1).tolist()  # max softmax probability
+                known = {id(u): logits[i] for i, u in enumerate(scored)}
+            leaving += [u for u, s in zip(scored, scores) if self.exit_policy.should_exit(u.request, u.loops_done, s)]
+        if not leaving:
             return []
-        logits = self.runner.exit_logits(torch.stack([u.hidden[-1] for u in scored]))  # (U, V)
-        logprobs = torch.log_softmax(logits, dim=-1)  # (U, V)
-        confidence = logprobs.amax(dim=-1).exp().tolist()  # max softmax probability
-        exited = []
-        for i, (u, conf) in enumerate(zip(scored, confidence)):
-            if u.loops_done >= u.request.loop_limit or self.exit_policy.should_exit(u.request, u.loops_done, conf):
-                exited.append((u, logits[i], logprobs[i]))
-        return exited
+        missing = [u for u in leaving if id(u) not in known]
+        if missing:
+            logits = self._head(torch.stack([u.hidden[-1] for u in missing]))
+            known.update({id(u): logits[i] for i, u in enumerate(missing)})
+        rows = torch.stack([known[id(u)] for u in leaving])  # (E, V)
+        logprobs = torch.log_softmax(rows, dim=-1)
+        return [(u, rows[i], logprobs[i]) for i, u in enumerate(leaving)]
+
+    def _draft(self, units: list[_Unit]) -> list[_Unit]:
+        """Speculative draft rows after loop 1: draft the next token from the loop-1 exit and park the row.
+        Returns the next units: the next draft, or the round's verify unit once its drafts are in."""
+        if not units:
+            return []
+        logits = self._head(torch.stack([u.hidden[-1] for u in units]))  # (U, V)
+        fresh = []
+        for u, row in zip(units, logits):
+            request, params = u.request, u.request.params
+            if params.greedy:
+                token = int(torch.argmax(row))
+            else:
+                q = token_probs(row, params)  # (V,) the draft distribution, kept for the acceptance rule
+                token = int(torch.multinomial(q, 1, generator=request.generator))
+                request.draft_probs.append(q)
+            request.drafts.append(token)
+            request.parked.append(u)
+            u.emits, u.loops_done = False, request.loop_limit  # leaves the batch; its loop-1 state is parked
+            budget = min(params.draft_tokens, params.max_tokens - len(request.output_ids))
+            ends = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
+            if len(request.drafts) < budget and not ends:
+                fresh.append(_Unit(request, u.start + 1, torch.tensor([token], device=self.device), emits=True, kind="draft"))
+                continue
+            parked, request.parked = request.parked, []
+            fresh.append(_Unit(
+                request, parked[0].start, torch.cat([p.token_ids for p in parked]),
+                hidden=torch.cat([p.hidden for p in parked]), loops_done=1, emits=True, kind="verify",
+            ))
+        # verify units continue at loop 2 next step: they are not new, but they join the batch like new ones
+        return fresh
+
+    def _verify(self, units: list[_Unit], touched: dict[str, RequestState]) -> list[_Unit]:
+        """Verify rows at full depth: keep the drafts the full-depth model agrees with, emit, start the next round."""
+        if not units:
+            return []
+        logits = self._head(torch.cat([u.hidden for u in units]))  # (sum k, V)
+        fresh, offset = [], 0
+        for u in units:
+            request, k = u.request, len(u)
+            rows, offset = logits[offset : offset + k], offset + k
+            if request.params.greedy:
+                kept, tokens = accept_greedy(request.drafts, rows)
+            else:
+                kept, tokens = accept_sampled(request.drafts, request.draft_probs, rows, request.params, request.generator)
+            request.drafted += len(request.drafts)
+            request.accepted += kept
+            self.stats["drafted_tokens"] += len(request.drafts)
+            self.stats["accepted_drafts"] += kept
+            request.drafts, request.draft_probs = [], []
+            logprobs = torch.log_softmax(rows, dim=-1)
+            for i, token in enumerate(tokens):
+                self._accept_token(request, rows[i], logprobs[i], u.loops_done, token=token)
+                if request.finish_reason is not None:
+                    break
+            u.emits, u.loops_done = False, request.loop_limit
+            touched[request.request_id] = request
+            if request.finish_reason is None:
+                fresh.append(self._next_unit(request))
+        return fresh
 
     def _fill_skipped(self, exited: list[_Unit]) -> None:
         """Keys/values of the loops an exited token skipped (up to its request's loop limit)."""
@@ -371,26 +560,35 @@ class Engine:
         if not rows:
             return
         self.stats["filled_rows"] += len(rows)
-        seqs = torch.tensor([u.request.seq for u, _ in rows])
-        pos = torch.tensor([u.start + len(u) - 1 for u, _ in rows])
-        loops = torch.tensor([loop for _, loop in rows])
+        as_tensor = partial(torch.tensor, device=self.device)
+        seqs = as_tensor([u.request.seq for u, _ in rows])
+        pos = as_tensor([u.start + len(u) - 1 for u, _ in rows])
+        loops = as_tensor([loop for _, loop in rows])
         if self.config.kv_fill == "share":
-            exit_loops = torch.tensor([u.loops_done - 1 for u, _ in rows])
+            exit_loops = as_tensor([u.loops_done - 1 for u, _ in rows])
             for c in range(self.runner.num_columns):
                 table = self.runner.slot_table[:, c]
                 self.pool.copy(table[exit_loops], table[loops], seqs, pos)
             return
-        batch = StepBatch(self.pool, seqs, pos, loops, self.runner.slot_table, fill_only=True)
+        batch = StepBatch(self.pool, seqs, pos, loops, self.runner.slot_table, fill_only=True, distinct_loops=sorted({l for _, l in rows}))
         self.runner.fill_propagate(torch.stack([u.hidden[-1] for u, _ in rows]), batch)
 
-    def _accept_token(self, request: RequestState, logits: torch.Tensor, logprobs: torch.Tensor, loops_run: int) -> None:
-        if request.teacher_ids is not None:
+    def _accept_token(
+        self, request: RequestState, logits: torch.Tensor, logprobs: torch.Tensor, loops_run: int, token: int | None = None,
+    ) -> None:
+        """Emit one token (sampled here unless given: teacher forcing, speculative verification) from the
+        exit's logits and log-probs (V,)."""
+        if token is not None:
+            pass
+        elif request.teacher_ids is not None:
             token = request.teacher_ids[len(request.output_ids)]
         else:
             token = sample_token(logits, request.params, request.generator)
         request.output_ids.append(token)
         request.exit_loops.append(loops_run)
         request.logprobs.append(float(logprobs[token]))
+        if request.params.logprobs is not None:
+            request.top_logprobs.append(_top(logprobs, request.params.logprobs))
         greedy_sampled = request.params.greedy and request.teacher_ids is None
         request.argmax_ids.append(token if greedy_sampled else int(torch.argmax(logits)))
         self.stats["generated_tokens"] += 1
@@ -448,6 +646,9 @@ class Engine:
         return RequestOutput(
             request.request_id, new_tokens, new_text, list(request.output_ids), list(request.exit_loops),
             list(request.logprobs), list(request.argmax_ids), text, len(request.prompt_ids), finished, request.finish_reason,
+            top_logprobs=list(request.top_logprobs) if request.params.logprobs is not None else None,
+            prompt_logprobs=request.prompt_logprobs, prompt_top_logprobs=request.prompt_top_logprobs,
+            drafted=request.drafted, accepted=request.accepted,
         )
 
     # ------------------------------------------------------------------ convenience
@@ -471,3 +672,11 @@ class Engine:
                 if out.finished:
                     final[out.request_id] = out
         return [final[i] for i in ids]
+
+
+def _top(logprobs: torch.Tensor, k: int) -> dict[int, float]:
+    """The k most probable tokens of log-probs (V,) as {token: logprob}, most probable first."""
+    if k == 0:
+        return {}
+    values, ids = torch.topk(logprobs, k)
+    return dict(zip(ids.tolist(), values.tolist()))

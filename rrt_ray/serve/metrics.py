@@ -10,7 +10,9 @@ Engine metrics (one registry per model replica, `EngineMetrics`):
     rrt_step_seconds               histogram  duration of one engine step (one loop over the batch)
     rrt_batch_rows                 histogram  tokens in flight per step
 HTTP metrics (one registry per ingress replica, `RequestMetrics`):
-    rrt_requests_total{status}     counter    finished HTTP requests by outcome (ok, bad_request, cancelled, error, ...)
+    rrt_requests_total{status}     counter    finished HTTP requests by outcome: ok, bad_request, unauthorized,
+                                              not_found, overloaded, unavailable (engine lost), cancelled (the
+                                              client went away), error (a server bug)
     rrt_request_seconds            histogram  end-to-end latency of successful requests
 
 Each replica has its own registry, so two engines in one process never clash. GET /metrics answers the

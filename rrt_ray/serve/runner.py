@@ -9,18 +9,27 @@ call runs unrolled position `slot_table[b, c]` with LoRA/norm depth `depth_table
 
 The decoder layers are the Hugging Face modules themselves (norms, projections, rotary, MLP); only the
 attention over the cache is the engine's (`rrt_ray.serve.kv_cache.engine_attention`).
+
+Weights (`weights=`): "lora" runs each relaxed projection as W'x + B_b A_b x (the multi-LoRA kernels);
+"merged" precomputes W'_b = W' + s B_b A_b for every depth b (exact, `RelaxedLoRALinear.merged_weight`)
+and runs one dense matmul per depth run of rows, so a full-depth recursive step does the original
+model's arithmetic, at the cost of B dense copies of every relaxed projection.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from rrt_ray.kernels.segments import depth_runs
 from rrt_ray.models import RecursiveForCausalLM, UnrolledPosition
 from rrt_ray.models.arch import ARCHITECTURES, arch_spec
 from rrt_ray.models.layer_map import SHARING_MODES
+from rrt_ray.models.lora import RelaxedLoRALinear
 from rrt_ray.serve.kv_cache import ATTN_IMPLEMENTATION, StepBatch
 
 
@@ -35,6 +44,32 @@ class _Column:
     position: UnrolledPosition | None = None
 
 
+WEIGHT_MODES: tuple[str, ...] = ("lora", "merged")
+
+
+def _merged_forward(module: RelaxedLoRALinear, merged: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """RelaxedLoRALinear.forward with per-depth dense weights merged (D, d_out, d_in): one matmul per
+    depth run of the rows (the engine orders rows by depth), no LoRA."""
+    depth, bias = module.depth, module.bias
+
+    def bias_at(d: int) -> torch.Tensor | None:
+        return None if bias is None else (bias if bias.dim() == 1 else bias[d])
+
+    if isinstance(depth, int):
+        return F.linear(x, merged[depth], bias_at(depth))
+    runs = depth_runs(depth)
+    flat = x.reshape(-1, module.in_features)  # (T, d_in)
+    if len(runs) > module.num_depths + 1:  # not grouped by depth: per depth with masks
+        out = flat.new_empty(flat.shape[0], module.out_features)
+        index = depth.reshape(-1).clamp_min(0)
+        for d in torch.unique(index).tolist():
+            rows = index == d
+            out[rows] = F.linear(flat[rows], merged[d], bias_at(d))
+        return out.view(*x.shape[:-1], module.out_features)
+    pieces = [F.linear(flat[start:end], merged[max(d, 0)], bias_at(max(d, 0))) for d, start, end in runs]
+    return torch.cat(pieces).view(*x.shape[:-1], module.out_features)
+
+
 class ModelRunner:
     """The parts of a Hugging Face causal LM the engine drives, and the forward passes it needs.
 
@@ -42,8 +77,12 @@ class ModelRunner:
     give the KV slot (unrolled position) and the LoRA/norm depth of a row at `loop` in that call.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, weights: str = "lora") -> None:
+        if weights not in WEIGHT_MODES:
+            raise ValueError(f"unknown weights mode {weights!r}; allowed: {', '.join(WEIGHT_MODES)}")
         self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         text = model.config.text_config if isinstance(model, RecursiveForCausalLM) else model.config
         self.arch = arch_spec(text.model_type)  # every fact about the family's module layout
         if isinstance(model, RecursiveForCausalLM):
@@ -58,13 +97,13 @@ class ModelRunner:
                 table = [list(positions)]
                 layers = [unrolled.shared[p.shared] for p in positions]
             self.columns = [self._column(layer, unrolled, table[0][c]) for c, layer in enumerate(layers)]
-            self.slot_table = torch.tensor([[p.position for p in row] for row in table])
-            self.depth_table = torch.tensor([[p.depth for p in row] for row in table])
+            self.slot_table = torch.tensor([[p.position for p in row] for row in table], device=self.device)
+            self.depth_table = torch.tensor([[p.depth for p in row] for row in table], device=self.device)
         else:
             hf, text = model, model.config
             inner_layers = self.arch.module(hf, "layers")
             self.columns = [self._column(layer, None, None) for layer in inner_layers]
-            self.slot_table = torch.arange(len(self.columns)).unsqueeze(0)
+            self.slot_table = torch.arange(len(self.columns), device=self.device).unsqueeze(0)
             self.depth_table = torch.zeros_like(self.slot_table)
         self.text_config = text
         self.num_loops, self.num_columns = self.slot_table.shape
@@ -83,20 +122,47 @@ class ModelRunner:
             raise ValueError(f"unsupported architecture {text.model_type!r} for the serving engine: it has no LM head")
         self.logit_softcap = getattr(text, "final_logit_softcapping", None)
         self.kv_only_fill = True  # False: fill through the whole attention module (the generic path)
+        self.weights = weights
+        self._depth_rows = self.depth_table.tolist()  # python ints: depth of (loop, column)
+        self.merged_bytes = self._merge_weights() if weights == "merged" else 0
         # The engine's attention runs inside the HF layers; plain forwards (generate) fall back to SDPA.
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+    def _merge_weights(self) -> int:
+        """Install per-depth merged weights on every relaxed projection with LoRA; returns their bytes."""
+        total = 0
+        for column in self.columns:
+            for module in column.layer.modules():
+                if isinstance(module, RelaxedLoRALinear) and module.rank > 0 and "forward" not in module.__dict__:
+                    merged = torch.stack([module.merged_weight(d) for d in range(module.num_depths)])  # (D, d_out, d_in)
+                    # An instance-level forward: the HF layer holds this very module, and UnrolledLayers sets
+                    # its depth before each call, so replacing the module object would cut both links.
+                    module.forward = partial(_merged_forward, module, merged)
+                    total += merged.numel() * merged.element_size()
+        return total
+
+    def weight_bytes(self) -> int:
+        """Bytes of every parameter (tied ones once) plus merged per-depth weights."""
+        unique = {p.data_ptr(): p.numel() * p.element_size() for p in self.model.parameters()}
+        return sum(unique.values()) + self.merged_bytes
 
     def _column(self, layer: nn.Module, unrolled, position) -> _Column:
         attention = next((m for m in layer.modules() if hasattr(m, "layer_idx")), None)
         return _Column(layer, getattr(layer, self.arch.input_norm, None), attention, unrolled, position)
 
-    def _prepare(self, c: int, loops: torch.Tensor) -> None:
+    def _prepare(self, c: int, loops: torch.Tensor, batch_loops: list[int] | None = None) -> None:
+        """Point column c's shared layer at its position, with the rows' depths; batch_loops: the distinct
+        loops of the batch when the caller knows them (no device read)."""
         column = self.columns[c]
         if column.unrolled is None:
             return
+        if batch_loops is None:
+            batch_loops = torch.unique(loops).tolist()
+        if len(batch_loops) == 1:  # one loop depth in the whole batch: an int, the two-matmul fast path
+            column.unrolled.set_position(column.position, self._depth_rows[batch_loops[0]][c])
+            return
         depths = self.depth_table[loops, c]  # (T,)
-        uniform = bool((depths == depths[0]).all())
-        column.unrolled.set_position(column.position, int(depths[0]) if uniform else depths.unsqueeze(0))
+        column.unrolled.set_position(column.position, depths.unsqueeze(0))
 
     def run_loop(self, hidden: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """hidden (T, d) after each row's previous loop -> (T, d) after one more loop."""
@@ -105,7 +171,7 @@ class ModelRunner:
         position_embeddings = self.rotary(h, position_ids)
         for c, column in enumerate(self.columns):
             batch.column = c
-            self._prepare(c, batch.loops)
+            self._prepare(c, batch.loops, batch.distinct_loops)
             out = column.layer(h, position_embeddings=position_embeddings, position_ids=position_ids, rrt_batch=batch)
             h = out[0] if isinstance(out, tuple) else out
         return h[0]
@@ -124,7 +190,7 @@ class ModelRunner:
             if column.pre_attn_norm is None or column.attention is None:
                 raise ValueError("kv_fill='propagate' needs decoder layers with input_layernorm and an attention module")
             batch.column = c
-            self._prepare(c, batch.loops)
+            self._prepare(c, batch.loops, batch.distinct_loops)
             normed = column.pre_attn_norm(h)
             attention = column.attention
             if self.kv_only_fill and self.arch.kv_projections is not None:

@@ -146,6 +146,16 @@ def list_dir(uri: str, *, endpoint: str | None = None) -> list[str]:
     return sorted(names)
 
 
+def list_files(uri: str, *, endpoint: str | None = None) -> dict[str, int]:
+    """{path relative to uri ('/'-separated): size} of every file below uri, recursively; {} when absent."""
+    if is_remote(uri):
+        return _s3_files(uri, endpoint)
+    root = _local(uri)
+    if root.is_file():
+        return {root.name: root.stat().st_size}
+    return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()} if root.is_dir() else {}
+
+
 def _s3_files(uri: str, endpoint: str | None) -> dict[str, int]:
     """{relative path: size} of every object under the s3 prefix uri."""
     bucket, key = s3.parse_s3(uri)

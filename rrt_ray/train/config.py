@@ -25,6 +25,8 @@ from typing import Any
 import yaml
 
 from rrt_ray.overrides import apply_override, build
+from rrt_ray import paths
+from rrt_ray.devices import check_use_gpu
 from rrt_ray.overrides import valid_keys as _valid_keys
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -83,7 +85,7 @@ class DataConfig:
     max_bytes: read at most this much text per split (None: all of it).
     seq_len: tokens per packed sequence; micro_batch_size: sequences per worker per micro-step.
     eval_batches: held-out micro-batches per worker for perplexity.
-    cache_dir: where tokenised corpora are cached by content (per node).
+    cache_dir: where tokenised corpora are cached by content (per node; see `rrt_ray.paths`).
     """
 
     source: str = "default"
@@ -93,7 +95,7 @@ class DataConfig:
     seq_len: int = 256
     micro_batch_size: int = 8
     eval_batches: int = 4
-    cache_dir: str = ".cache/tokens"
+    cache_dir: str = paths.cache_dir("tokens")
 
     def __post_init__(self) -> None:
         _require(bool(self.source), "data.source must not be empty (use 'default' for the embedded corpus)")
@@ -213,8 +215,11 @@ class RunOptions:
     storage: root for Ray Train checkpoints: a local directory or s3://bucket/prefix.
     output: root the exported Hugging Face directory is published under (local or s3://), as
         `<output>/<name>` with a "latest" marker written after the upload is complete.
-    workdir: local scratch (converted model, staging).
+    workdir: local scratch (converted model, staging), a cache (see `rrt_ray.paths`); storage and output
+        are outputs: relative paths there are relative to the current directory.
     num_workers, cpus_per_worker: the Ray Train worker group.
+    use_gpu: "auto" (GPUs when the cluster has them, from `ray.cluster_resources()`, not the driver's
+        devices), true or false; gpus_per_worker: GPUs per worker when it is on (`rrt_ray.devices`).
     max_failures: whole-group restarts from the last checkpoint after a worker dies (-1: unlimited).
     checkpoint_every, log_every, eval_every: cadences in optimizer steps (0 disables checkpoints/eval).
     keep_checkpoints: how many checkpoints Ray keeps.
@@ -226,10 +231,12 @@ class RunOptions:
     name: str = "uptrain"
     storage: str = "runs"
     output: str = "out/uptrained"
-    workdir: str = ".cache/work"
+    workdir: str = paths.cache_dir("work")
     seed: int = 0
     num_workers: int = 2
     cpus_per_worker: int = 1
+    use_gpu: str | bool = "auto"
+    gpus_per_worker: float = 1.0
     max_failures: int = 0
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
@@ -244,6 +251,9 @@ class RunOptions:
         _require(bool(self.output), "run.output must be a local directory or s3:// URI")
         _require(self.num_workers >= 1, f"run.num_workers must be >= 1, got {self.num_workers}")
         _require(self.cpus_per_worker > 0, f"run.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        self.use_gpu = str(self.use_gpu).lower()  # YAML's true/false arrive as bools
+        check_use_gpu(self.use_gpu)
+        _require(self.gpus_per_worker > 0, f"run.gpus_per_worker must be > 0, got {self.gpus_per_worker}")
         _require(self.max_failures >= -1, f"run.max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
         for key in ("checkpoint_every", "eval_every"):
             _require(getattr(self, key) >= 0, f"run.{key} must be >= 0 (0 disables), got {getattr(self, key)}")

@@ -23,8 +23,8 @@ import json
 import math
 import shutil
 import tempfile
-import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,7 +35,8 @@ from rrt_ray.evaluation import loss_totals, perplexity_of
 from rrt_ray.train.config import TrainConfig
 from rrt_ray.models import RecursiveForCausalLM
 from rrt_ray.models.early_exit import early_exit_loss, freeze_backbone, loop_exit_logits
-from rrt_ray.train.losses import combined_loss
+from rrt_ray.train.losses import combined_loss, cross_entropy
+from rrt_ray.train.progress import EventLog, MetricWindow, log_line
 from rrt_ray.train.schedule import lr_multiplier
 
 DS_TAG = "ds"  # one DeepSpeed tag per Ray checkpoint directory
@@ -152,22 +153,74 @@ def _local_dir(uri: str, workdir: Path) -> str:
     return str(local)
 
 
+@dataclass
+class Worker:
+    """Everything one worker trains with, built by `setup_worker`."""
+
+    cfg: TrainConfig
+    rank: int
+    world_size: int
+    tokenizer: Any
+    engine: Any  # deepspeed.DeepSpeedEngine
+    scheduler: Any
+    teacher: torch.nn.Module | None
+    batches: _Batches
+    eval_batches: list[dict[str, torch.Tensor]]
+    events: EventLog
+
+
+@dataclass
+class Position:
+    """Where the run is: optimizer steps done, the running data fingerprint, the step it resumed from."""
+
+    step: int = 0
+    fingerprint: int = 0
+    resumed_from: int | None = None
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train entry point: config is `{"train": TrainConfig.to_dict()}`; returns the final metrics."""
-    import deepspeed
+    """Ray Train entry point: config is `{"train": TrainConfig.to_dict()}`; returns the final metrics.
+
+    The recipe: build the worker (models, data, engine), resume from Ray's checkpoint if there is one,
+    train to run.stop_at or optim.max_steps (reporting, evaluating and checkpointing on the way), export.
+    """
     import ray.train
-    from transformers import AutoTokenizer
 
-    from rrt_ray.data import ShardedSequenceLoader
-    from rrt_ray.train.data_prep import token_arrays
+    from rrt_ray.devices import configure_accelerator
 
+    configure_accelerator()  # from this worker's devices, before deepspeed is imported
     cfg = TrainConfig.from_dict(config["train"])
     context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
+    worker = setup_worker(cfg, context.get_world_rank(), context.get_world_size())
+    position = resume(worker)
+    metrics = train(worker, position)
+    worker.events.close()
+    if position.step < cfg.optim.max_steps:  # stopped early on purpose (run.stop_at): no export
+        return {**metrics, "stopped_at": position.step}
+    metrics.update(export(worker.engine, cfg, worker.tokenizer, worker.rank, worker.eval_batches[:1] or [worker.batches.next()]))
+    ray.train.report(metrics)
+    return metrics
+
+
+def setup_worker(cfg: TrainConfig, rank: int, world_size: int) -> Worker:
+    """Student (and frozen teacher), data, and the DeepSpeed engine of this rank."""
     torch.manual_seed(cfg.run.seed)
     workdir = Path(cfg.run.workdir).expanduser() / f"worker{rank}"
     workdir.mkdir(parents=True, exist_ok=True)
-    dtype = torch.bfloat16 if cfg.zero.precision == "bf16" else torch.float32
+    tokenizer, model, teacher = load_models(cfg, workdir)
+    batches, eval_batches = load_data(cfg, tokenizer, rank, world_size)
+    engine, scheduler = build_engine(model, cfg, world_size)
+    if teacher is not None:
+        teacher.to(engine.device)
+    eval_batches = [_to_device(batch, engine.device) for batch in eval_batches]
+    events = EventLog(cfg.run.storage, cfg.run.name, cfg.run.workdir, rank)
+    return Worker(cfg, rank, world_size, tokenizer, engine, scheduler, teacher, batches, eval_batches, events)
+
+
+def load_models(cfg: TrainConfig, workdir: Path) -> tuple[Any, torch.nn.Module, torch.nn.Module | None]:
+    """(tokenizer, student in train mode, frozen teacher or None). The student trains in fp32 master
+    weights; the teacher runs in the compute precision."""
+    from transformers import AutoTokenizer
 
     student_dir = _local_dir(cfg.model.student, workdir)
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
@@ -181,99 +234,135 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     model.train()
     teacher = None
     if cfg.kd.enabled:  # loaded once per worker, frozen, outside the DeepSpeed engine
+        dtype = torch.bfloat16 if cfg.zero.precision == "bf16" else torch.float32
         teacher = _load_causal_lm(_local_dir(cfg.model.teacher, workdir), dtype).eval().requires_grad_(False)
-        if teacher.config.vocab_size != model.config.get_text_config().vocab_size:
-            raise ValueError(
-                f"teacher vocab {teacher.config.vocab_size} differs from student vocab "
-                f"{model.config.get_text_config().vocab_size}: KD needs the same tokenizer"
-            )
+        student_vocab = model.config.get_text_config().vocab_size
+        if teacher.config.vocab_size != student_vocab:
+            raise ValueError(f"teacher vocab {teacher.config.vocab_size} differs from student vocab {student_vocab}: KD needs the same tokenizer")
+    return tokenizer, model, teacher
+
+
+def load_data(cfg: TrainConfig, tokenizer: Any, rank: int, world_size: int) -> tuple[_Batches, list[dict[str, torch.Tensor]]]:
+    """This rank's endless training stream and its held-out batches."""
+    from rrt_ray.data import ShardedSequenceLoader
+    from rrt_ray.train.data_prep import token_arrays
 
     train_tokens, eval_tokens = token_arrays(cfg.data, tokenizer)
     loader = ShardedSequenceLoader(train_tokens, cfg.data.seq_len, cfg.data.micro_batch_size, rank, world_size, cfg.run.seed)
-    batches = _Batches(loader)
-    eval_batches = held_out_batches(eval_tokens, cfg, rank, world_size)
+    return _Batches(loader), held_out_batches(eval_tokens, cfg, rank, world_size)
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int) -> tuple[Any, Any]:
+    """(DeepSpeed engine, LR scheduler): AdamW plus the configured schedule, stepped by DeepSpeed."""
+    import deepspeed
 
     optimizer = build_optimizer(model, cfg)
     schedule = lr_multiplier(cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.max_steps, cfg.optim.min_lr_ratio, cfg.optim.decay_fraction)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
-    )
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size))
+    return engine, scheduler
 
-    step, fingerprint, resumed_from = 0, 0, None
+
+def resume(worker: Worker) -> Position:
+    """Engine, optimizer, scheduler and loader state from Ray's latest checkpoint, if there is one."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
-            state = json.loads((Path(ckpt_dir) / STATE_FILE.format(rank=rank)).read_text())
-        batches.load_state_dict(state["loader"])
-        step, fingerprint, resumed_from = state["step"], state["fingerprint"], state["step"]
+    if checkpoint is None:
+        return Position()
+    with checkpoint.as_directory() as ckpt_dir:
+        worker.engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
+        state = json.loads((Path(ckpt_dir) / STATE_FILE.format(rank=worker.rank)).read_text())
+    worker.batches.load_state_dict(state["loader"])
+    return Position(state["step"], state["fingerprint"], state["step"])
 
-    sums = torch.zeros(4, dtype=torch.float64)  # (loss, ce, kd, micro-batches) since the last report
-    window_start, window_tokens = time.perf_counter(), 0
-    steady = [0.0, 0.0, 0]  # (tokens, seconds, windows) of this attempt, its first window (warm-up) left out
-    metrics: dict[str, Any] = {"step": step}
+
+def micro_batch_loss(engine: Any, teacher: torch.nn.Module | None, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The loss of one micro-batch and its logged terms, with loss = (1 - kd.weight) * ce_loss + kd.weight * kd_loss
+    in both modes: ce_loss is next-token CE, or with early exit the exits' loss (weighted CE over exits plus
+    self-distillation) that takes its place; final_ce_loss is then the last exit's CE, for comparison."""
+    targets = batch["labels"]  # (B, T)
+    task_loss, extra = None, {}
+    if cfg.early_exit.enabled:
+        exits = loop_exit_logits(getattr(engine, "module", engine), batch["input_ids"])  # [(B, T, V)] per loop
+        logits = exits[-1]
+        task_loss, _ = early_exit_loss(exits, targets, cfg.early_exit.schedule, cfg.early_exit.distill_weight, cfg.kd.temperature)
+        extra["final_ce_loss"] = cross_entropy(logits, targets).detach()
+    else:
+        logits = next_token_logits(engine, batch)[0]  # (B, T, V)
+    teacher_logits = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = next_token_logits(teacher, batch)[0]
+    loss, ce, kd = combined_loss(logits, targets, teacher_logits, cfg.kd.weight, cfg.kd.loss, cfg.kd.temperature, task_loss)
+    return {"loss": loss, "ce_loss": ce, "kd_loss": kd, **extra}
+
+
+def train(worker: Worker, position: Position) -> dict[str, Any]:
+    """Optimizer steps from position.step to the stop step; reports (and evaluates, checkpoints) on the
+    configured cadences. Returns the last report's metrics."""
+    cfg, engine = worker.cfg, worker.engine
+    names = ("loss", "ce_loss", "kd_loss") + (("final_ce_loss",) if cfg.early_exit.enabled else ())
+    window = MetricWindow(names)
     stop_at = min(cfg.run.stop_at or cfg.optim.max_steps, cfg.optim.max_steps)
-    while step < stop_at:
+    metrics: dict[str, Any] = {"step": position.step}
+    steps_in_window = 0
+    while position.step < stop_at:
         for _ in range(cfg.optim.grad_accum):
-            batch = batches.next()
-            fingerprint = batch_fingerprint(fingerprint, batch)
-            if cfg.early_exit.enabled:
-                exits, targets = loop_exit_logits(engine.module, batch["input_ids"]), batch["labels"]
-                logits = exits[-1]
-            else:
-                logits, targets = next_token_logits(engine, batch)
-            teacher_logits = None
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = next_token_logits(teacher, batch)[0]
-            loss, ce, kd = combined_loss(logits, targets, teacher_logits, cfg.kd.weight, cfg.kd.loss, cfg.kd.temperature)
-            if cfg.early_exit.enabled:  # the exits' loss takes the place of the final CE
-                ee, _ = early_exit_loss(exits, targets, cfg.early_exit.schedule, cfg.early_exit.distill_weight, cfg.kd.temperature)
-                loss = (1 - cfg.kd.weight) * ee + cfg.kd.weight * kd
-            engine.backward(loss)
+            batch = worker.batches.next()
+            position.fingerprint = batch_fingerprint(position.fingerprint, batch)
+            terms = micro_batch_loss(engine, worker.teacher, _to_device(batch, engine.device), cfg)
+            engine.backward(terms["loss"])
             engine.step()
-            sums += torch.tensor([loss.item(), ce.item(), kd.item(), 1.0], dtype=torch.float64)
-            window_tokens += batch["input_ids"].numel() * world_size
-        step += 1
-
-        last = step == stop_at
-        do_eval = bool(eval_batches) and (last or (cfg.run.eval_every and step % cfg.run.eval_every == 0))
-        do_checkpoint = cfg.run.checkpoint_every and (step % cfg.run.checkpoint_every == 0 or last)
-        if not (last or do_eval or do_checkpoint or step % cfg.run.log_every == 0):
-            continue
-        if dist.is_initialized():
-            dist.all_reduce(sums)  # means over every worker, not rank 0's share
-        elapsed = time.perf_counter() - window_start
-        if steady[2] > 0:
-            steady[0], steady[1] = steady[0] + window_tokens, steady[1] + elapsed
-        steady[2] += 1
-        metrics = {
-            "step": step,
-            "loss": (sums[0] / sums[3]).item(),
-            "ce_loss": (sums[1] / sums[3]).item(),
-            "kd_loss": (sums[2] / sums[3]).item(),
-            "lr": scheduler.get_last_lr()[0],
-            "tokens_per_s": window_tokens / elapsed,
-            "tokens_per_s_mean": steady[0] / steady[1] if steady[1] else window_tokens / elapsed,
-            "tokens_seen": step * cfg.tokens_per_step,
-            "data_fingerprint": _all_ranks_sum(fingerprint),
-            "resumed_from": resumed_from,
-        }
-        if do_eval:
-            metrics["heldout_ppl"] = evaluate(engine, eval_batches)
-        if do_checkpoint:
-            _save_and_report(engine, cfg, metrics, rank, batches.state_dict(), fingerprint, step)
-        else:
-            ray.train.report(metrics)
-        sums.zero_()
-        window_start, window_tokens = time.perf_counter(), 0
-
-    if step < cfg.optim.max_steps:  # stopped early on purpose (run.stop_at): no export
-        return {**metrics, "stopped_at": step}
-    metrics.update(export(engine, cfg, tokenizer, rank, eval_batches[:1] or [batches.next()]))
-    ray.train.report(metrics)
+            window.add(terms, batch["input_ids"].numel() * worker.world_size)
+        position.step += 1
+        steps_in_window += 1
+        due = _due(cfg, position.step, stop_at, bool(worker.eval_batches))
+        if due is not None:
+            window_metrics = window.close(steps_in_window)
+            metrics = report(worker, position, due, {**window_metrics, "seconds_left": window.seconds_left(stop_at - position.step)}, stop_at)
+            steps_in_window = 0
     return metrics
+
+
+def _due(cfg: TrainConfig, step: int, stop_at: int, can_eval: bool) -> dict[str, bool] | None:
+    """Which of report / eval / checkpoint fall on this step (None: none)."""
+    last = step == stop_at
+    due = {
+        "eval": can_eval and (last or bool(cfg.run.eval_every and step % cfg.run.eval_every == 0)),
+        "checkpoint": bool(cfg.run.checkpoint_every) and (last or step % cfg.run.checkpoint_every == 0),
+    }
+    return due if last or any(due.values()) or step % cfg.run.log_every == 0 else None
+
+
+def report(worker: Worker, position: Position, due: dict[str, bool], window: dict[str, float], stop_at: int) -> dict[str, Any]:
+    """Metrics of the window to Ray (with a checkpoint when due) and one log line from rank 0."""
+    import ray.train
+
+    cfg = worker.cfg
+    metrics: dict[str, Any] = {
+        "step": position.step,
+        **window,
+        "lr": worker.scheduler.get_last_lr()[0],
+        "tokens_seen": position.step * cfg.tokens_per_step,
+        "data_fingerprint": _all_ranks_sum(position.fingerprint),
+        "resumed_from": position.resumed_from,
+    }
+    if due["eval"]:
+        metrics["heldout_ppl"] = evaluate(worker.engine, worker.eval_batches)
+        metrics["heldout_loss"] = math.log(metrics["heldout_ppl"])
+    if worker.rank == 0:
+        print(log_line(cfg.run.name, metrics, stop_at), flush=True)
+        worker.events.write(metrics)
+    if due["checkpoint"]:
+        _save_and_report(worker.engine, cfg, metrics, worker.rank, worker.batches.state_dict(), position.fingerprint, position.step)
+    else:
+        ray.train.report(metrics)
+    return metrics
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 def _all_ranks_sum(value: int) -> int:

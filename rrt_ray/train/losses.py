@@ -72,9 +72,14 @@ def combined_loss(
     kd_weight: float,
     kind: str,
     temperature: float,
+    task_loss: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, ce, kd): loss = (1 - kd_weight) * ce + kd_weight * kd; kd is 0 without a teacher."""
-    ce = cross_entropy(student_logits, targets)
+    """(loss, ce, kd): loss = (1 - kd_weight) * ce + kd_weight * kd; kd is 0 without a teacher.
+
+    ce is next-token CE of student_logits, or task_loss when given (early exit: the exits' weighted
+    loss), so that the returned ce is always the term that is optimised.
+    """
+    ce = cross_entropy(student_logits, targets) if task_loss is None else task_loss
     if teacher_logits is None or kd_weight == 0:
         return ce, ce, torch.zeros_like(ce)
     kd = kd_divergence(student_logits, teacher_logits, targets, kind, temperature)

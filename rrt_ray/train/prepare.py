@@ -25,7 +25,9 @@ def check_data_source(source: str) -> None:
     from rrt_ray import storage
     from rrt_ray.data.corpus import local_files, looks_local
 
-    if source == "default" or storage.is_remote(source) or not looks_local(source):
+    from rrt_ray.data.token_sets import resolve_token_set
+
+    if source == "default" or resolve_token_set(source) is not None or storage.is_remote(source) or not looks_local(source):
         return
     try:
         local_files(source)
@@ -85,6 +87,7 @@ def preflight(cfg: TrainConfig) -> TrainConfig:
         if uri and storage.is_remote(uri):
             storage.check_s3_access(uri)
     check_data_source(cfg.data.source)
+    _check_token_set_options(cfg)
     data = cfg.to_dict()
     if cfg.model.teacher:
         data["model"]["teacher"] = resolve_model(cfg.model.teacher, "model.teacher")
@@ -92,6 +95,18 @@ def preflight(cfg: TrainConfig) -> TrainConfig:
         data["model"]["student"] = resolve_model(cfg.model.student, "model.student")
         check_converted(data["model"]["student"])
     return TrainConfig.from_dict(data)
+
+
+def _check_token_set_options(cfg: TrainConfig) -> None:
+    from rrt_ray.data.token_sets import SPLITS, resolve_token_set
+
+    if resolve_token_set(cfg.data.source) is None:
+        return
+    if cfg.data.max_bytes is not None:
+        raise ValueError(f"data.max_bytes={cfg.data.max_bytes} cuts text sources; data.source {cfg.data.source!r} is a token set, used whole (set data.max_bytes=null)")
+    for key, split in (("data.train_split", cfg.data.train_split), ("data.eval_split", cfg.data.eval_split)):
+        if split not in SPLITS:
+            raise ValueError(f"{key} {split!r}: a token set has the splits {', '.join(SPLITS)}")
 
 
 def _teacher_fingerprint(teacher: str) -> str:

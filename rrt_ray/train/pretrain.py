@@ -91,7 +91,7 @@ def init_model_dir(cfg: PretrainConfig, tokenizer: Any, out: Path) -> Path:
         num_key_value_heads=arch.num_kv_heads,
         max_position_embeddings=arch.max_position_embeddings,
         rope_theta=arch.rope_theta,
-        tie_word_embeddings=False,  # no aliased Parameters anywhere (see DESIGN.md)
+        tie_word_embeddings=False,  # no aliased Parameters: DeepSpeed checkpoints and PEFT merges break on them
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -10,32 +10,28 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+from rrt_ray import paths
 from rrt_ray.train.config import TrainConfig
 
 # Forwarded to workers when set on the driver (a cluster started elsewhere may lack them). Only settings:
 # credentials are never put in a runtime env (Ray shows runtime envs in its dashboard and state API); the
 # workers take them from their own environment, as the driver does.
 FORWARDED_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "HF_HUB_OFFLINE")
-DEFAULT_EXTENSIONS_DIR = Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"
+DEFAULT_EXTENSIONS_DIR = paths.cache_dir("torch_extensions")  # DeepSpeed's JIT-compiled ops (shm_comm ~35 s to build)
 
 
 def worker_env(cfg: TrainConfig) -> dict[str, str]:
+    """Settings for the workers' environment. DS_ACCELERATOR is not among them: each worker picks it from
+    the devices it sees (`rrt_ray.devices.configure_accelerator`), not from the driver's."""
     env = {
-        "DS_ACCELERATOR": "cpu" if not _has_cuda() else os.environ.get("DS_ACCELERATOR", "cuda"),
         "OMP_NUM_THREADS": str(max(1, int(cfg.run.cpus_per_worker))),
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(DEFAULT_EXTENSIONS_DIR)),
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser(DEFAULT_EXTENSIONS_DIR)),
         "TOKENIZERS_PARALLELISM": "false",
     }
     env.update({key: os.environ[key] for key in FORWARDED_ENV if key in os.environ})
     return env
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def ensure_ray() -> None:
@@ -56,13 +52,30 @@ def ray_storage(uri: str) -> tuple[str, Any]:
     return str(Path(uri).expanduser().resolve()), None
 
 
-def fit(cfg: TrainConfig, train_loop: Callable[[dict], Any] | None = None) -> dict[str, Any]:
+def scaling_config(cfg: TrainConfig) -> Any:
+    """The worker group: run.num_workers workers of run.cpus_per_worker CPUs and, when run.use_gpu
+    resolves to true on this cluster (auto: it has GPUs), run.gpus_per_worker GPUs each."""
+    from ray.train import ScalingConfig
+
+    from rrt_ray.devices import resolve_use_gpu, worker_resources
+
+    use_gpu = resolve_use_gpu(cfg.run.use_gpu)
+    return ScalingConfig(
+        num_workers=cfg.run.num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker=worker_resources(cfg.run.cpus_per_worker, cfg.run.gpus_per_worker, use_gpu),
+    )
+
+
+def fit(cfg: TrainConfig, train_loop: Callable[[dict], Any] | None = None, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Run the worker loop on `cfg.run.num_workers` Ray Train workers; return rank 0's final metrics.
+
+    callbacks: Ray Train `UserCallback`s (a Tune trial passes `TuneReportCallback` here).
 
     A run with the same `run.name` and `run.storage` as an earlier one resumes from its last checkpoint.
     Raises RuntimeError with the workers' error on failure (after `run.max_failures` restarts).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from rrt_ray.train.loop import train_loop_per_worker
@@ -71,13 +84,9 @@ def fit(cfg: TrainConfig, train_loop: Callable[[dict], Any] | None = None) -> di
     storage_path, filesystem = ray_storage(cfg.run.storage)
     trainer = TorchTrainer(
         train_loop or train_loop_per_worker,
-        train_loop_config={"train": cfg.to_dict()},
-        torch_config=TorchConfig(backend="gloo" if not _has_cuda() else "nccl"),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.run.num_workers,
-            use_gpu=_has_cuda(),
-            resources_per_worker={"CPU": cfg.run.cpus_per_worker},
-        ),
+        train_loop_config={"train": _absolute_paths(cfg)},
+        torch_config=TorchConfig(),  # backend None: Ray picks nccl when each worker holds a GPU, else gloo
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=storage_path,
@@ -85,6 +94,7 @@ def fit(cfg: TrainConfig, train_loop: Callable[[dict], Any] | None = None) -> di
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             worker_runtime_env={"env_vars": worker_env(cfg)},
+            callbacks=list(callbacks),
         ),
     )
     try:
@@ -94,6 +104,17 @@ def fit(cfg: TrainConfig, train_loop: Callable[[dict], Any] | None = None) -> di
     if result.error is not None:
         raise RuntimeError(f"training run {cfg.run.name!r} failed: {_root_cause(result.error)}")
     return dict(result.return_value or result.metrics or {})
+
+
+def _absolute_paths(cfg: TrainConfig) -> dict[str, Any]:
+    """cfg as a dict with local storage/output made absolute here: workers do not share the driver's cwd."""
+    from rrt_ray import storage
+
+    data = cfg.to_dict()
+    for key in ("storage", "output"):
+        if not storage.is_remote(data["run"][key]):
+            data["run"][key] = str(Path(data["run"][key]).expanduser().resolve())
+    return data
 
 
 def _root_cause(err: BaseException) -> str:

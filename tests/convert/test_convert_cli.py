@@ -113,3 +113,24 @@ def test_a_failure_midway_leaves_nothing_at_out(src, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk on fire"):
         convert_module.convert_checkpoint(str(src), str(tmp_path / "out"), loops=2, lora_rank=4, progress=False)
     assert list(tmp_path.iterdir()) == []  # neither OUT nor a temporary sibling
+
+
+def test_lora_rank_is_clipped_to_each_projections_full_rank_under_gqa(src, tmp_path, capsys):
+    """Tiny Llama: hidden 48, 2 of 4 KV heads, so k/v are 24x48 (full rank 24) while q/o/MLP allow 48."""
+    assert main(["convert", str(src), str(tmp_path / "out"), "--loops", "2", "--lora-rank", "32", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "k_proj=24" in printed and "v_proj=24" in printed and "q_proj=32" in printed and "down_proj=32" in printed
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.lora_rank == {
+        "q_proj": 32, "k_proj": 24, "v_proj": 24, "o_proj": 32, "gate_proj": 32, "up_proj": 32, "down_proj": 32,
+    }  # fmt: skip
+    original = AutoModelForCausalLM.from_pretrained(src)
+    tied = model.config.num_shared_layers  # CYCLE: depth b of shared layer 0 is original layer b * K
+    k_proj = model.unrolled_layers.shared[0].self_attn.k_proj
+    for depth in range(2):  # clipped to full rank, so exact: W' + B A == W_l
+        want = original.model.layers[depth * tied].self_attn.k_proj.weight
+        torch.testing.assert_close(k_proj.merged_weight(depth), want, rtol=1e-5, atol=1e-5)
+    capsys.readouterr()  # drop the loaders' progress bars
+    assert main(["convert", str(src), str(tmp_path / "too-big"), "--loops", "2", "--lora-rank", "49", "--quiet"]) == 2
+    line = _error_line(capsys)
+    assert "--lora-rank 49 is larger than the full rank of every targeted projection" in line and "use at most 48" in line

@@ -33,14 +33,18 @@ def _logits(model, tokens):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("loops, sharing", [(2, "cycle"), (2, "sequence"), (3, "cycle"), (3, "sequence")])
+@pytest.mark.parametrize(
+    "loops, sharing",
+    [(2, "cycle"), (2, "sequence"), (3, "cycle"), (3, "sequence"), (2, "middle_cycle"), (4, "middle_cycle")],
+)
 def test_full_rank_reproduces_the_original(sources, tmp_path, family, loops, sharing):
     src, original = sources[family]
     convert_checkpoint(str(src), str(tmp_path / "out"), loops=loops, sharing=sharing, init="average", lora_rank="full", progress=False)
     assert AutoConfig.from_pretrained(tmp_path / "out").model_type == "rrt_recursive"
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert isinstance(model, rrt_ray.RecursiveForCausalLM)
-    assert len(model.unrolled_layers.shared) == 6 // loops
+    # middle_cycle keeps layers 1 and 6 unique and loops the 4 between them
+    assert len(model.unrolled_layers.shared) == (4 // loops + 2 if sharing == "middle_cycle" else 6 // loops)
     tokens = torch.randint(0, VOCAB, (2, 13))
     diff = (_logits(model, tokens) - _logits(original, tokens)).abs().max().item()
     assert diff < 1e-4, f"{family} loops={loops} {sharing}: max abs diff {diff}"
@@ -100,3 +104,14 @@ def test_bfloat16_storage_loads_and_stays_close(sources, tmp_path):
     tokens = torch.randint(0, VOCAB, (2, 13))
     # bf16 keeps 8 mantissa bits: weights move by ~0.4% relative, logits by ~1e-2 here
     assert (_logits(model, tokens) - _logits(original, tokens)).abs().max() < 5e-2
+
+
+def test_pytorch_bin_source_converts_exactly_with_average_init(sources, tmp_path):
+    """A .bin source is memory-mapped: the average init must not write into the tensors it reads."""
+    _, original = sources["llama"]
+    original.config.save_pretrained(tmp_path / "bin")
+    torch.save({n: t.contiguous() for n, t in original.state_dict().items()}, tmp_path / "bin" / "pytorch_model.bin")
+    convert_checkpoint(str(tmp_path / "bin"), str(tmp_path / "out"), loops=2, init="average", lora_rank="full", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokens = torch.randint(0, VOCAB, (2, 13))
+    assert (_logits(model, tokens) - _logits(original, tokens)).abs().max() < 1e-4

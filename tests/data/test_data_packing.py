@@ -36,14 +36,3 @@ def test_cache_is_keyed_by_content_and_tokenizer(tokenizer, tmp_path):
     data.tokenize_cached(texts, other, str(tmp_path))
     assert len(list(tmp_path.glob("tokens-*.npy"))) == 3
     assert not list(tmp_path.glob(".*tmp*"))
-
-
-@pytest.mark.parametrize("length, seq_len", [(101, 10), (100, 10), (7, 3), (5, 6)])
-def test_pack_sequences_shapes_and_overlap(length, seq_len):
-    tokens = np.arange(length, dtype=np.uint16)
-    packed = data.pack_sequences(tokens, seq_len)
-    assert packed.shape == ((length - 1) // seq_len, seq_len + 1)
-    for i, row in enumerate(packed):
-        assert np.array_equal(row, tokens[i * seq_len:i * seq_len + seq_len + 1])
-    if len(packed) > 1:
-        assert packed[0, -1] == packed[1, 0]  # consecutive windows share one boundary token

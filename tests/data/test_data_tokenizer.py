@@ -26,7 +26,8 @@ def test_roundtrip_specials_and_determinism(texts):
 def test_save_and_load_with_auto_tokenizer(texts, tmp_path):
     from transformers import AutoTokenizer
 
-    tokenizer = data.train_bpe_tokenizer(texts[:5], 300, out_dir=str(tmp_path / "tok"))
+    tokenizer = data.train_bpe_tokenizer(texts[:5], 300)
+    tokenizer.save_pretrained(tmp_path / "tok")
     loaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
     sample = texts[0][:500]
     assert loaded(sample)["input_ids"] == tokenizer(sample)["input_ids"]

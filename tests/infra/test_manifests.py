@@ -6,6 +6,7 @@ key; `unknown_fields` walks the schema as `kubectl apply --validate=strict` does
 
 import copy
 import functools
+import os
 import shlex
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-CRDS = ROOT.parent / "shared" / "kuberay-crds"
+CRDS = Path(os.environ.get("RRT_KUBERAY_CRDS", ROOT.parent / "shared" / "kuberay-crds"))
 MANIFESTS = sorted((ROOT / "infra" / "kuberay").glob("*.yaml"))
 
 
@@ -85,6 +86,23 @@ def test_rayjob_entrypoint_runs_a_job_and_config_of_this_repo():
     assert (ROOT / argv[argv.index("--config") + 1]).is_file()
 
 
+def test_tokenize_rayjob_arguments_parse_with_the_jobs_own_parser():
+    import importlib.util
+
+    manifest = yaml.safe_load((ROOT / "infra/kuberay/rayjob-tokenize.yaml").read_text())
+    argv = shlex.split(manifest["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "jobs/tokenize_corpus.py"]
+    spec = importlib.util.spec_from_file_location("rrt_job_tokenize_corpus", ROOT / argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(argv[2:])  # an unknown or missing flag exits here
+    assert args.source.startswith("s3://") and args.out.startswith("s3://") and args.workers >= 1
+    bad = copy.deepcopy(manifest)
+    del bad["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+    with pytest.raises(jsonschema.ValidationError):
+        _check(bad)
+
+
 def test_every_image_is_the_project_image_and_ray_version_matches_the_pin():
     pinned = next(line for line in (ROOT / "pyproject.toml").read_text().splitlines() if '"ray[' in line)
     for path in MANIFESTS:
@@ -103,3 +121,19 @@ def test_ray_up_config_and_runtime_env_parse():
     runtime_env = yaml.safe_load((ROOT / "infra/runtime_env.yaml").read_text())
     assert set(runtime_env) <= {"env_vars", "excludes", "working_dir", "pip", "py_modules"}
     assert not any("AWS_" in key for key in runtime_env["env_vars"])  # credentials never in manifests
+
+
+def test_tune_rayjob_runs_a_valid_sweep_of_this_repo_with_the_dashboard_on():
+    from rrt_ray.tune.config import TuneConfig
+    from rrt_ray.tune.space import check_space
+
+    manifest = yaml.safe_load((ROOT / "infra/kuberay/rayjob-tune.yaml").read_text())
+    argv = shlex.split(manifest["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "jobs/tune.py"]
+    config = argv[argv.index("--config") + 1]
+    overrides = argv[argv.index("--config") + 2:]
+    cfg = TuneConfig.load(ROOT / config, overrides)  # the overrides name real keys
+    check_space(cfg)  # and the space is valid (no path is read)
+    assert all(uri.startswith("s3://") for uri in (cfg.sweep.storage, cfg.sweep.output, cfg.train["model"]["teacher"]))
+    head = manifest["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
+    assert head.get("include-dashboard", "true") != "false"  # Tune over Ray Train hangs without it

@@ -68,8 +68,9 @@ def test_index_dtypes(index_dtype):
     _check_against_reference("triton", tensors, idx, torch.randn(SHAPES["pow2"][0], SHAPES["pow2"][2]), FP32_TOL)
 
 
-@pytest.mark.parametrize("backend", ("auto", "triton", "torch", "reference"))
-@pytest.mark.parametrize("depth", [0, 2, -1])
+# An int depth >= 0 takes the plain-matmul path whatever the backend, so it is tested once; depth -1
+# goes through each backend's tensor path.
+@pytest.mark.parametrize("backend, depth", [(None, 0), (None, 2)] + [(b, -1) for b in ("auto", "triton", "torch", "reference")])
 def test_int_depth_is_the_same_depth_for_every_token(backend, depth):
     num_tokens, d_in, d_out, rank, num_depths = SHAPES["odd"]
     tensors = make_lora(num_tokens, d_in, d_out, rank, num_depths)
@@ -81,8 +82,7 @@ def test_int_depth_is_the_same_depth_for_every_token(backend, depth):
         assert_close_rel(g, w, FP32_TOL, f"{name} at depth {depth}")
 
 
-@pytest.mark.parametrize("backend", ("triton", "torch", "reference"))
-@pytest.mark.parametrize("depth", ["tensor", "int"])
+@pytest.mark.parametrize("backend, depth", [(b, "tensor") for b in ("triton", "torch", "reference")] + [(None, "int")])
 def test_zero_tokens(backend, depth):
     x, a, b = make_lora(0, 16, 24, 16, 3)
     idx = torch.zeros(0, dtype=torch.int64) if depth == "tensor" else 1
@@ -104,8 +104,7 @@ def test_gpu_tile_sizes_under_the_interpreter(monkeypatch):
     _check_against_reference("triton", tensors, idx, torch.randn(num_tokens, d_out), FP32_TOL)
 
 
-@pytest.mark.parametrize("backend", ("triton", "torch"))
-@pytest.mark.parametrize("depth", ["mixed", "int"])
+@pytest.mark.parametrize("backend, depth", [("triton", "mixed"), ("torch", "mixed"), (None, "int")])
 def test_fused_matches_separate_calls(backend, depth):
     num_tokens, d_in, num_depths = 42, 123, 3
     ranks, d_outs = (16, 8, 24), (64, 40, 72)  # q, k, v with different ranks and widths
@@ -127,7 +126,8 @@ def test_fused_matches_separate_calls(backend, depth):
         if fused:
             ys = multi_lora_fused(x, pairs, idx, SCALE, backend=backend)
         else:
-            ys = [multi_lora(x, a, b, idx, SCALE, backend="reference") for a, b in pairs]
+            full = idx if isinstance(idx, torch.Tensor) else torch.full((num_tokens,), idx)  # never the int fast path
+            ys = [multi_lora_reference(x, a, b, full, SCALE) for a, b in pairs]
         torch.autograd.backward(ys, grads_out)
         return [y.detach() for y in ys] + [p.grad.clone() for p in params]
 
@@ -164,3 +164,24 @@ def test_cuda_triton_matches_reference(dtype, monkeypatch):
     tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
     assert resolve_backend(None, idx.device) == "triton"
     _check_against_reference(None, tensors, idx, torch.randn(num_tokens, d_out, device="cuda"), tol)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("inference", [False, True])
+def test_a_depth_index_written_in_place_is_never_served_from_a_stale_cache(backend, inference):
+    """The range check and the CPU depth runs are remembered per tensor; under torch.inference_mode a tensor
+    has no version counter, so an in-place write must still be seen (and a bad value still refused)."""
+    num_tokens, d_in, d_out, rank, num_depths = 12, 16, 24, 16, 3
+    x, a, b = (t.detach() for t in make_lora(num_tokens, d_in, d_out, rank, num_depths))
+    context = torch.inference_mode() if inference else torch.no_grad()
+    with context:
+        idx = torch.tensor([0] * 6 + [1] * 6)
+        for new in ([2] * 4 + [0] * 8, [1, 0] * 6):
+            got = multi_lora(x, a, b, idx, SCALE, backend=backend)
+            assert_close_rel(got, multi_lora_reference(x, a, b, idx.clone(), SCALE), FP32_TOL, f"before {new}")
+            idx.copy_(torch.tensor(new))  # same memory, new contents
+            got = multi_lora(x, a, b, idx, SCALE, backend=backend)
+            assert_close_rel(got, multi_lora_reference(x, a, b, idx.clone(), SCALE), FP32_TOL, f"after {new}")
+        idx[3] = num_depths  # out of range: the check must run again
+        with pytest.raises(ValueError, match="depth_index holds 3"):
+            multi_lora(x, a, b, idx, SCALE, backend=backend)

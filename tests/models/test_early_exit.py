@@ -75,3 +75,20 @@ def test_freeze_backbone_trains_only_what_differs_between_loops(pair):
     assert not model.unrolled_layers.shared[0].self_attn.q_proj.weight.requires_grad
     for param in model.parameters():
         param.requires_grad_(True)
+
+
+def test_self_distillation_term_is_kl_from_the_final_exit_over_unignored_tokens():
+    """Reference written with torch's own kl_div on the kept rows, at temperature 2 with ignored labels."""
+    torch.manual_seed(1)
+    labels = torch.randint(0, 11, (2, 6))
+    labels[0, :3] = -100  # the HF ignore index
+    exits = [torch.randn(2, 6, 11) for _ in range(3)]
+    loss, ces = early_exit_loss(exits, labels, "final", distill_weight=0.5, temperature=2.0)
+    keep = (labels != -100).flatten()
+    target = torch.log_softmax(exits[-1].flatten(0, 1)[keep] / 2.0, -1)
+    kls = [
+        torch.nn.functional.kl_div(torch.log_softmax(e.flatten(0, 1)[keep] / 2.0, -1), target, log_target=True, reduction="batchmean") * 4.0
+        for e in exits[:-1]
+    ]
+    expected = ces["exit3_ce"] + 0.5 * (kls[0] + kls[1]).item() / 2
+    assert math.isclose(loss.item(), expected, rel_tol=1e-5)

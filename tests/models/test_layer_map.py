@@ -46,3 +46,20 @@ def test_bad_loops_and_names_are_rejected_with_the_allowed_values():
         unrolled_positions(6, 2, "zigzag")
     with pytest.raises(ValueError, match="allowed: stepwise, average, lower"):
         init_source_layers("middle", 6, 2, "cycle")
+
+
+def test_middle_cycle_keeps_the_first_and_last_layers_unique():
+    positions = unrolled_positions(6, 2, "middle_cycle")
+    assert [(p.shared, p.depth) for p in positions] == [(0, 0), (1, 0), (2, 0), (1, 1), (2, 1), (3, 0)]
+    assert tied_layers(6, 2, "middle_cycle") == [[0], [1, 3], [2, 4], [5]]  # |1| |2-4 3-5| |6|
+    # init strategies work on the looped block (layers 1..4); unique layers start from themselves
+    assert init_source_layers("stepwise", 6, 2, "middle_cycle") == [[0], [1], [3], [5]]
+    assert init_source_layers("lower", 6, 2, "middle_cycle") == [[0], [1], [2], [5]]
+    assert init_source_layers("average", 6, 2, "middle_cycle") == [[0], [1, 3], [2, 4], [5]]
+
+
+def test_middle_cycle_loops_must_divide_the_middle_layers():
+    # SmolLM2's 30 layers: 28 in the middle
+    with pytest.raises(ValueError, match=r"28 looped layers \(of 30\) is not divisible by loops=3; allowed loops: \[1, 2, 4, 7, 14, 28\]"):
+        check_loops(30, 3, "middle_cycle")
+    assert check_loops(30, 2, "middle_cycle") == 14 + 2

@@ -90,3 +90,11 @@ def parse_sse(response) -> list:
         events.append(json.loads(data))
     assert done, "stream ended without [DONE]"
     return events
+
+
+def metric_value(text: str, name: str) -> float:
+    """The value of one sample (`name` with its labels, as printed) in Prometheus text; 0 when absent."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

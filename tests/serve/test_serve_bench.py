@@ -9,6 +9,7 @@ import torch
 from serve_helpers import load
 
 from rrt_ray.serve.bench import (
+    LOADS,
     ArmResult,
     Request,
     ServeBenchConfig,
@@ -56,7 +57,9 @@ def test_drivers_agree_with_each_other_and_the_report_renders(model_dirs, tmp_pa
     assert argmax == hf_argmax
     cfg = ServeBenchConfig(model="tiny")
     arm = ArmResult("(a) x", 100.0, 0.1, 0.2, math.nan, 5.0, 0.5, 1.0, 1.0, walls=[1.0])
-    info = {"requests": 6, "output_tokens": 24, "recursive": "r", "params": {"original": 1e6, "recursive": 5e5}}
-    write_report(cfg, [arm, ArmResult("(d0.5) y", 150.0, 0.1, 0.2, 1.5, 6.0, 0.45, 0.9, 0.8, walls=[1.0])], info, tmp_path / "r.md", None, "test")
+    spec = LOADS["mixed"]
+    info = {"loads": {"mixed": {"requests": 6, "output_tokens": 24, "spec": spec}}, "recursive": "r", "params": {"original": 1e6, "recursive": 5e5}}
+    results = [arm, ArmResult("(d0.5) y", 150.0, 0.1, 0.2, 1.5, 6.0, 0.45, 0.9, 0.8, walls=[1.0], weight_bytes=2_000_000)]
+    write_report(cfg, {"mixed": results}, info, tmp_path / "r.md", None, "test")
     text = (tmp_path / "r.md").read_text()
-    assert "| (d0.5) y | 150 | 1.50x |" in text and "1.50 |" in text
+    assert "| (d0.5) y | 150 | 1.50x | 2.0 |" in text and "1.50 |" in text

@@ -30,13 +30,13 @@ def test_plain_model_greedy_equals_hf_generate(family):
         assert out.exit_loops == [1] * len(out.token_ids)
 
 
-@pytest.mark.parametrize("name", [2, 3, "seq"])
+@pytest.mark.parametrize("name", [2, 3, "seq", "mid"])
 def test_recursive_model_early_exit_off_equals_hf_generate(model_dirs, name):
     reference, model = load(model_dirs[name]), load(model_dirs[name])
     engine = Engine(model, config=EngineConfig(max_batch_tokens=16, max_num_seqs=4))
     prompts = random_prompts([4, 23, 1, 9, 40], seed=1)
     outs = engine.generate(prompts, SamplingParams(max_tokens=16, exit_threshold=1.0))
-    loops = 1 if name == "seq" else name
+    loops = 1 if name in ("seq", "mid") else name  # no loop boundary to exit at: one engine step
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == hf_greedy(reference, prompt, 16)
         assert out.exit_loops == [loops] * len(out.token_ids)
@@ -123,6 +123,7 @@ def test_kv_filled_by_propagation_equals_the_reference_computation(model_dirs, k
     prompt = random_prompts([6], seed=4)[0]
     engine = Engine(load(model_dirs[3]), exit_policy=ScheduledExit(schedule))
     engine.runner.kv_only_fill = kv_only_fill
+    engine.pool.retain_released = True  # read the cache after the request finished
     engine.add_request(prompt, SamplingParams(max_tokens=10, ignore_eos=True), request_id="r")
     outs = engine.step()
     seq = engine.running["r"].seq
@@ -143,8 +144,8 @@ def test_kv_filled_by_propagation_equals_the_reference_computation(model_dirs, k
     for slot, layer in enumerate(cache.layers):
         loop = int((table == slot).nonzero()[0, 0])
         n = len(tokens) if loop < exits[-1] else len(tokens) - 1
-        torch.testing.assert_close(engine.pool.keys[slot, seq, :, :n], layer.keys[0, :, :n], rtol=0, atol=1e-4)
-        torch.testing.assert_close(engine.pool.values[slot, seq, :, :n], layer.values[0, :, :n], rtol=0, atol=1e-4)
+        torch.testing.assert_close(engine.pool.keys_of(seq)[slot, :, :n], layer.keys[0, :, :n], rtol=0, atol=1e-4)
+        torch.testing.assert_close(engine.pool.values_of(seq)[slot, :, :n], layer.values[0, :, :n], rtol=0, atol=1e-4)
 
 
 def test_kv_sharing_copies_the_exit_loop_and_differs_from_propagation(model_dirs):
@@ -153,6 +154,7 @@ def test_kv_sharing_copies_the_exit_loop_and_differs_from_propagation(model_dirs
     logprobs = {}
     for mode in ("share", "propagate"):
         engine = Engine(load(model_dirs[3]), config=EngineConfig(kv_fill=mode), exit_policy=ScheduledExit(schedule))
+        engine.pool.retain_released = True
         engine.add_request(prompt, SamplingParams(max_tokens=8, ignore_eos=True), request_id="r")
         outs = engine.step()
         seq = engine.running["r"].seq
@@ -166,8 +168,8 @@ def test_kv_sharing_copies_the_exit_loop_and_differs_from_propagation(model_dirs
                 for skipped in range(loops, 3):
                     for column in range(table.shape[1]):
                         src, dst = table[loops - 1, column], table[skipped, column]
-                        assert torch.equal(engine.pool.keys[dst, seq, :, position], engine.pool.keys[src, seq, :, position])
-                        assert torch.equal(engine.pool.values[dst, seq, :, position], engine.pool.values[src, seq, :, position])
+                        assert torch.equal(engine.pool.keys_of(seq)[dst, :, position], engine.pool.keys_of(seq)[src, :, position])
+                        assert torch.equal(engine.pool.values_of(seq)[dst, :, position], engine.pool.values_of(seq)[src, :, position])
     assert not torch.allclose(logprobs["share"], logprobs["propagate"], atol=1e-3)  # the fill matters
 
 
@@ -299,3 +301,81 @@ def test_abort_frees_the_slot(model_dirs):
     finals = {o.request_id: o for o in outs if o.finished}
     assert finals["long"].finish_reason == "abort"
     assert finals["short"].finish_reason == "length" and len(finals["short"].token_ids) == 3
+
+
+# ---------------------------------------------------------------- merged weights, the cheap exit rule
+
+
+def test_merged_per_depth_weights_equal_lora_at_every_depth_mix(model_dirs):
+    """weights='merged' (W' + B_b A_b per depth) is the same model: HF's greedy output at full depth, and
+    the LoRA engine's tokens and log-probs under a forced exit schedule (mixed depths in every step)."""
+    reference = load(model_dirs[3])
+    prompts = random_prompts([4, 23, 1, 9], seed=31)
+    merged = Engine(load(model_dirs[3]), config=EngineConfig(max_batch_tokens=16, weights="merged"))
+    assert merged.runner.merged_bytes > 0
+    for prompt, out in zip(prompts, merged.generate(prompts, SamplingParams(max_tokens=12))):
+        assert out.token_ids == hf_greedy(reference, prompt, 12)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    runs = {}
+    for weights in ("lora", "merged"):
+        engine = Engine(load(model_dirs[3]), config=EngineConfig(max_batch_tokens=10, weights=weights), exit_policy=ScheduledExit(SCHEDULES))
+        for rid, prompt in zip(SCHEDULES, random_prompts([6, 19, 2, 11], seed=3)):
+            engine.add_request(prompt, params, request_id=rid)
+        runs[weights] = {o.request_id: o for o in _drain(engine) if o.finished}
+        assert engine.stats["mixed_depth_steps"] > 10
+    for rid in SCHEDULES:
+        assert runs["merged"][rid].token_ids == runs["lora"][rid].token_ids
+        torch.testing.assert_close(torch.tensor(runs["merged"][rid].logprobs), torch.tensor(runs["lora"][rid].logprobs), rtol=0, atol=1e-4)
+
+
+def _count_head_rows(engine) -> list[int]:
+    rows = [0]
+    engine.runner.head.register_forward_hook(lambda _m, args, _out: rows.__setitem__(0, rows[0] + args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    return rows
+
+
+def test_classifier_exit_rule_runs_the_lm_head_only_for_tokens_that_leave(model_dirs):
+    from rrt_ray.serve.exit_rules import ExitClassifier, fit_exit_classifier, loop_features
+
+    model = load(model_dirs[3])
+    classifier = fit_exit_classifier(model, random_prompts([40] * 8, seed=32), steps=100)
+    prompts = random_prompts([3, 8, 5, 12], seed=33)
+    normed, _ = loop_features(model, [p[:3] for p in prompts])
+    threshold = float(classifier(normed[0], torch.zeros(normed[0].shape[0], dtype=torch.long)).median())
+    params = SamplingParams(max_tokens=10, ignore_eos=True, exit_threshold=threshold)
+    head_rows = {}
+    for rule in ("classifier", "confidence"):
+        engine = Engine(load(model_dirs[3]), config=EngineConfig(exit_rule=rule), exit_classifier=classifier)
+        counted = _count_head_rows(engine)
+        outs = engine.generate(prompts, params)
+        generated = sum(len(o.token_ids) for o in outs)
+        head_rows[rule] = counted[0]
+        if rule == "classifier":
+            loops = [n for o in outs for n in o.exit_loops]
+            assert 1 in loops and max(loops) > 1, "some tokens should leave early and some stay"
+            assert counted[0] == generated == engine.stats["head_rows"]  # one head row per emitted token, none for stayers
+    assert head_rows["confidence"] > head_rows["classifier"]  # the confidence rule pays the head at every loop it scores
+    with pytest.raises(ValueError, match="needs a fitted ExitClassifier"):
+        Engine(load(model_dirs[3]), config=EngineConfig(exit_rule="classifier"))
+    saved = ExitClassifier.load(classifier.save(model_dirs[3]).parent)
+    torch.testing.assert_close(saved.weight, classifier.weight)
+
+
+def test_kv_memory_follows_the_requests_in_flight(model_dirs):
+    """max_num_seqs 16 x max_model_len 2048: two 32-token requests hold <= 1/10 of a dense pool; the pool
+    grows with their tokens and gives the memory back when they leave."""
+    engine = Engine(load(model_dirs[3]), config=EngineConfig(max_num_seqs=16, max_model_len=2048))
+    text = engine.runner.text_config
+    dense = engine.pool.dense_nbytes(text.num_key_value_heads, text.hidden_size // text.num_attention_heads, 4)
+    for rid, prompt in zip("ab", random_prompts([16, 16], seed=34)):
+        engine.add_request(prompt, SamplingParams(max_tokens=16, ignore_eos=True), request_id=rid)
+    sizes = []
+    while engine.has_unfinished():
+        engine.step()
+        sizes.append(engine.pool.nbytes())
+    assert 0 < engine.pool.peak_nbytes <= dense / 10
+    assert sizes[0] < max(sizes)  # grew as tokens arrived
+    assert engine.pool.nbytes() == 0  # and shrank when the requests left
+    engine.add_request(random_prompts([40], seed=35)[0], SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.step()
+    assert engine.pool.nbytes() > 0

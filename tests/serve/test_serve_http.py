@@ -5,6 +5,7 @@ Fast checks of the wire format and every error path; test_serve_ray_app.py runs 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import uvicorn
-from serve_helpers import load, parse_sse, save_word_tokenizer
+from serve_helpers import load, metric_value, parse_sse, save_word_tokenizer
 from transformers import AutoTokenizer
 
 from rrt_ray.serve.api import ServerSettings, build_app
@@ -257,3 +258,62 @@ def test_the_official_openai_client_works_against_the_server(server):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="tiny", prompt=PROMPT, max_tokens=-1)
     assert "max_tokens" in str(err.value)
+
+
+SURROGATES = [  # raw bodies: JSON escapes that decode to lone surrogates, which no tokenizer can encode
+    ("string", b'{"prompt": "\\ud800abc", "max_tokens": 4}', "prompt"),
+    ("list", b'{"prompt": ["w1 w2", "\\ud800abc"], "max_tokens": 4}', "prompt"),
+    ("stream", b'{"prompt": "abc\\udfff", "max_tokens": 4, "stream": true}', "prompt"),
+    ("stop", b'{"prompt": "w1", "stop": ["\\ud83d"]}', "stop"),
+]
+
+
+@pytest.mark.parametrize("name,raw,param", SURROGATES, ids=[s[0] for s in SURROGATES])
+def test_text_that_is_not_unicode_is_a_400_naming_the_field(server, name, raw, param):
+    r = post(server, "/v1/completions", data=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and "surrogate" in r.json()["error"]["message"]
+    chat = post(server, "/v1/chat/completions", data=b'{"messages": [{"role": "user", "content": "\\ud800"}]}', headers={"Content-Type": "application/json"})
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
+
+
+def _metric(server, name: str) -> float:
+    return metric_value(requests.get(f"{server.url}/metrics", timeout=10).text, name)
+
+
+def test_client_disconnects_are_cancelled_not_errors(server, caplog):
+    errors, cancelled = _metric(server, 'rrt_requests_total{status="error"}'), _metric(server, 'rrt_requests_total{status="cancelled"}')
+    caplog.set_level(logging.DEBUG, logger="rrt_ray.serve")
+    for _ in range(20):
+        r = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 48, "temperature": 0, "stream": True}, stream=True)
+        lines = (line for line in r.iter_lines() if line)
+        next(lines), next(lines)  # two events, then the client goes away
+        r.close()
+    deadline = time.monotonic() + 20
+    while _metric(server, 'rrt_requests_total{status="cancelled"}') < cancelled + 20 or _metric(server, "rrt_running_requests"):
+        assert time.monotonic() < deadline, "cut streams were not cancelled in the engine"
+        time.sleep(0.1)
+    assert _metric(server, 'rrt_requests_total{status="cancelled"}') == cancelled + 20
+    assert server.runner.num_active == 0 and server.runner.engine.num_running == 0  # KV rows freed
+    assert _metric(server, 'rrt_requests_total{status="error"}') == errors
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum("cancelled" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG) == 20
+
+
+def test_wrong_method_is_not_counted_as_an_error(server):
+    errors = _metric(server, 'rrt_requests_total{status="error"}')
+    assert requests.get(f"{server.url}/v1/completions", timeout=10).status_code == 405
+    assert requests.get(f"{server.url}/v2/nothing", timeout=10).status_code == 404
+    assert _metric(server, 'rrt_requests_total{status="error"}') == errors
+
+
+def test_plain_model_metrics_have_one_exit_bucket(served_dir):
+    """A plain (1-loop) model: the exit-depth histogram still has its two buckets (le=1.5, +Inf)."""
+    save_word_tokenizer(served_dir["plain"], chat=False)
+    plain = LocalServer(served_dir["plain"])
+    try:
+        r = post(plain, "/v1/completions", {"prompt": PROMPT, "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["exit_loops"] == [1, 1, 1]
+        assert _metric(plain, 'rrt_exit_loops_bucket{le="1.5"}') == 3 == _metric(plain, 'rrt_exit_loops_bucket{le="+Inf"}')
+    finally:
+        plain.close()

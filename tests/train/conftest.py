@@ -15,6 +15,18 @@ TINY_VOCAB = 512
 CORPUS_BYTES = 200_000
 
 
+def _weights(model_dir: str):
+    from safetensors.torch import load_file
+
+    return {k: v for file in sorted(Path(model_dir).glob("*.safetensors")) for k, v in load_file(file).items()}
+
+
+@pytest.fixture(scope="session")
+def weights():
+    """weights(model_dir) -> {name: tensor} of every safetensors file of a Hugging Face directory."""
+    return _weights
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> str:
     """An 8-layer random Llama (hidden 64) with a BPE tokenizer trained on a slice of the default corpus."""
@@ -60,7 +72,7 @@ def ray_local():
     started = not ray.is_initialized()
     if started:
         dummy_keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-        ray.init(num_cpus=2, log_to_driver=False, runtime_env={"env_vars": dummy_keys})
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": dummy_keys})
     yield
     if started:
         ray.shutdown()

@@ -25,17 +25,11 @@ import psutil
 import pytest
 import torch
 
-from safetensors.torch import load_file
-
 pytestmark = pytest.mark.slow
 BUCKET = "rrt-test"
 VENV_BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
 CORPUS_BYTES = 200_000  # as in conftest.make_config
-
-
-def _weights(export_dir: str) -> dict[str, torch.Tensor]:
-    return {k: v for file in sorted(Path(export_dir).glob("*.safetensors")) for k, v in load_file(file).items()}
 
 
 def _free_port() -> int:
@@ -216,15 +210,32 @@ def _train_workers() -> list[psutil.Process]:
     return workers
 
 
-def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_local, make_config):
+@pytest.fixture(scope="session")
+def local_token_set(ray_local, tiny_teacher, tmp_path_factory) -> str:
+    """The conftest corpus slice as .txt files, tokenised by the Ray Data job into small shards."""
+    from rrt_ray import data
+    from rrt_ray.data.token_sets import build_token_set
+
+    root = tmp_path_factory.mktemp("token-set")
+    for i, text in enumerate(data.load_texts("default", "all", CORPUS_BYTES)):
+        (root / "corpus").mkdir(exist_ok=True)
+        (root / "corpus" / f"doc{i:04d}.txt").write_text(text)
+    build_token_set(str(root / "corpus"), tiny_teacher, str(root / "tokens"), shard_tokens=8192, num_workers=2, log=lambda line: None)
+    return str(root / "tokens")
+
+
+@pytest.mark.parametrize("source", ["text", "token_set"])
+def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_local, make_config, weights, request, source):
     from rrt_ray.train.trainer import fit
 
     common = ["zero.stage=2", "data.seq_len=64", "optim.max_steps=40", "run.checkpoint_every=5",
               "run.log_every=5", "run.eval_every=20", "run.max_failures=2"]
-    straight = fit(make_config(*common, "run.name=ft-straight"))
+    if source == "token_set":  # workers stream the shards instead of tokenising text
+        common += [f"data.source={request.getfixturevalue('local_token_set')}", "data.max_bytes=null"]
+    straight = fit(make_config(*common, f"run.name=ft-straight-{source}"))
 
-    cfg = make_config(*common, "run.name=ft-killed")
-    latest = Path(cfg.run.storage) / "ft-killed" / "latest"
+    cfg = make_config(*common, f"run.name=ft-killed-{source}")
+    latest = Path(cfg.run.storage) / f"ft-killed-{source}" / "latest"
     thread, box = _run_in_thread(fit, cfg)
     _wait_for(lambda: latest.is_file() and latest.read_text().strip() >= "step_00000010", 300, "checkpoint at step 10")
     victims = _train_workers()
@@ -237,9 +248,10 @@ def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_local, make_con
     assert resumed["resumed_from"] is not None and resumed["resumed_from"] >= 10  # it did restart
     assert resumed["step"] == 40
     assert resumed["data_fingerprint"] == straight["data_fingerprint"]  # no batch lost or repeated
-    a, b = _weights(straight["export_uri"]), _weights(resumed["export_uri"])
+    a, b = weights(straight["export_uri"]), weights(resumed["export_uri"])
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-6, f"final weights differ from the uninterrupted run by {worst}"
+    assert resumed["loss"] == pytest.approx(straight["loss"], abs=1e-6)
 
 
 def test_s3_down_during_checkpoint_upload_keeps_latest(ray_local, make_config, s3_server):

@@ -1,0 +1,134 @@
+"""Self-speculative decoding in the engine: lossless (greedy == full depth), the sampled acceptance rule,
+drafts that are really accepted on an early-exit-trained model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from serve_helpers import load, random_prompts
+
+from rrt_ray.convert import convert_checkpoint
+from rrt_ray.serve import Engine, EngineConfig, SamplingParams
+from rrt_ray.serve.sampling import token_probs
+from rrt_ray.serve.speculative import accept_sampled
+from rrt_ray.testing import tiny_model
+
+FAMILIES = ["llama", "gemma", "gpt_neox", "qwen2", "mistral"]
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    """A 2-loop rank-8 conversion of each family's tiny random model."""
+    root = tmp_path_factory.mktemp("spec-models")
+    dirs = {}
+    for family in FAMILIES:
+        tiny_model(family, num_layers=4).save_pretrained(root / family)
+        convert_checkpoint(str(root / family), str(root / f"{family}-rec"), loops=2, lora_rank=8, progress=False)
+        dirs[family] = root / f"{family}-rec"
+    return dirs
+
+
+def _greedy(engine, prompts, max_tokens, **params):
+    outs = engine.generate(prompts, [SamplingParams(max_tokens=max_tokens, ignore_eos=True, **params) for _ in prompts])
+    return outs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_speculative_equals_full_depth_greedy(family_dirs, family):
+    prompts = random_prompts([5, 17, 2], seed=21)
+    # mistral: 40 + 30 tokens cross its 64-token sliding window
+    prompts.append(random_prompts([40], seed=22)[0])
+    model = load(family_dirs[family])
+    full = _greedy(Engine(model, config=EngineConfig(max_batch_tokens=32)), prompts, 30, exit_mode="none")
+    for k in (1, 3):
+        engine = Engine(model, config=EngineConfig(max_batch_tokens=32))
+        spec = _greedy(engine, prompts, 30, exit_mode="speculative", draft_tokens=k)
+        for f, s in zip(full, spec):
+            assert s.token_ids == f.token_ids
+            torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(f.logprobs), rtol=0, atol=1e-4)
+        assert sum(o.drafted for o in spec) > 0 and engine.stats["drafted_tokens"] == sum(o.drafted for o in spec)
+
+
+def test_mixed_modes_in_one_batch_equal_each_alone(model_dirs):
+    """Speculative, confidence and full-depth requests share steps; each gets what it gets alone."""
+    model = load(model_dirs[3])
+    prompts = random_prompts([6, 19, 3, 11, 8], seed=23)
+    modes = [
+        dict(exit_mode="speculative", draft_tokens=2),
+        dict(exit_mode="confidence", exit_threshold=0.02),
+        dict(exit_mode="none"),
+        dict(exit_mode="speculative", draft_tokens=4),
+        dict(exit_mode="confidence", exit_threshold=0.0),
+    ]
+    params = [SamplingParams(max_tokens=14, ignore_eos=True, **m) for m in modes]
+    engine = Engine(model, config=EngineConfig(max_batch_tokens=16))
+    together = engine.generate(prompts, params)
+    assert engine.stats["mixed_depth_steps"] > 5 and engine.stats["drafted_tokens"] > 0
+    full = Engine(model).generate(prompts, SamplingParams(max_tokens=14, ignore_eos=True, exit_mode="none"))
+    for prompt, p, out, reference in zip(prompts, params, together, full):
+        alone = Engine(model).generate([prompt], p)[0]
+        assert out.token_ids == alone.token_ids and out.exit_loops == alone.exit_loops
+        if p.exit_mode != "confidence":
+            assert out.token_ids == reference.token_ids  # lossless
+    assert any(1 in o.exit_loops for o in together[1::3])  # the confidence requests did exit early
+
+
+def test_sampled_acceptance_rule_gives_the_target_distribution_exactly():
+    """For one drafted token: P(emit x) = q(x) min(1, p(x)/q(x)) + P(reject) residual(x) = p(x).
+    Measured by enumerating the draft and integrating the acceptance draw over a fine grid of u."""
+    torch.manual_seed(0)
+    vocab = 6
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=0)
+    target_logits = torch.randn(1, vocab) * 2
+    p = token_probs(target_logits[0], params)
+    q = torch.softmax(torch.randn(vocab), -1)
+    emitted = torch.zeros(vocab, dtype=torch.float64)
+    for draft in range(vocab):
+        generator = torch.Generator().manual_seed(draft)
+        for _ in range(400):
+            kept, tokens = accept_sampled([draft], [q], target_logits, params, generator)
+            emitted[tokens[0]] += float(q[draft]) / 400
+    torch.testing.assert_close(emitted, p.double(), rtol=0, atol=0.03)
+    assert float(p.min()) == 0.0 and emitted[p == 0].sum() == 0  # top-p's cut tokens are never emitted
+
+
+def _chi_square(counts: list[int], probs: list[float]) -> float:
+    n = sum(counts)
+    return sum((c - n * p) ** 2 / (n * p) for c, p in zip(counts, probs))
+
+
+def _buckets(p: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
+    """The k most likely tokens and their probabilities, plus the rest as one bucket."""
+    top = torch.topk(p, k).indices.tolist()
+    probs = [float(p[t]) for t in top]
+    return top, probs + [1.0 - sum(probs)]
+
+
+def _counts(tokens: list[int], top: list[int]) -> list[int]:
+    counts = [tokens.count(t) for t in top]
+    return counts + [len(tokens) - sum(counts)]
+
+
+def test_sampled_speculative_matches_full_depth_sampling_in_distribution(model_dirs):
+    """Chi-square against the exact full-depth distribution. The first token comes from the prompt at full
+    depth; the second is drafted by loop 1 and accepted or resampled, so it tests the acceptance rule: the
+    head is scaled so that loop 1's distribution is far from full depth's (total variation ~0.5)."""
+    model = load(model_dirs[2])
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)
+    prompt = random_prompts([5], seed=24)[0]
+    n = 400
+    params = [SamplingParams(max_tokens=2, temperature=1.0, seed=s, ignore_eos=True, exit_mode="speculative", draft_tokens=2) for s in range(n)]
+    engine = Engine(model, config=EngineConfig(max_num_seqs=64, max_batch_tokens=512))
+    outs = [o.token_ids for o in engine.generate([prompt] * n, params)]
+    assert engine.stats["drafted_tokens"] == n and 0 < engine.stats["accepted_drafts"] < n
+    with torch.no_grad():
+        p1 = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].float(), -1)
+        top1, probs1 = _buckets(p1, 4)
+        first = top1[0]
+        p2 = torch.softmax(model(torch.tensor([prompt + [first]])).logits[0, -1].float(), -1)
+        top2, probs2 = _buckets(p2, 4)
+    assert _chi_square(_counts([o[0] for o in outs], top1), probs1) < 18.5  # 4 dof, p = 0.001
+    seconds = [o[1] for o in outs if o[0] == first]
+    assert len(seconds) > 100
+    assert _chi_square(_counts(seconds, top2), probs2) < 18.5
