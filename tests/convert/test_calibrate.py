@@ -107,8 +107,8 @@ def test_bad_calibration_options_name_the_value(kwargs, message):
 
 @pytest.fixture(scope="module")
 def tiny_src(tmp_path_factory):
-    """A tiny Llama directory with a tokenizer trained on the default corpus, so --calibrate draws real text."""
-    from rrt_ray.data.tokenizer import save_tokenizer, train_bpe_tokenizer
+    """A tiny Llama directory with a small byte-level BPE tokenizer, so calibration tokenises real text."""
+    from rrt_ray.data.tokenizer import train_bpe_tokenizer
 
     from gguf_helpers import source_model
 
@@ -116,7 +116,7 @@ def tiny_src(tmp_path_factory):
     model = source_model("llama", TOKENIZER_VOCAB, num_layers=4, seed=5)
     tokenizer = train_bpe_tokenizer(["def f(x):\n    return x + 1\n" * 50, "class A:\n    pass\n" * 50], vocab_size=TOKENIZER_VOCAB)
     model.save_pretrained(path)
-    save_tokenizer(tokenizer, str(path))
+    tokenizer.save_pretrained(path)
     return path, model
 
 
