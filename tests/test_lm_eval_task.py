@@ -19,6 +19,7 @@ def test_next_line_docs_are_seeded_and_hold_the_true_next_line():
     assert len({doc["label"] for doc in docs}) > 1  # the answer is not always in one slot
 
 
+@pytest.mark.slow  # lm-eval import and run: minutes on a loaded 2-core machine
 def test_rrt_eval_runs_lm_eval_in_process(tmp_path, capsys):
     pytest.importorskip("lm_eval")
     from transformers import PreTrainedTokenizerFast
