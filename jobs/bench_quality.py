@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="out/quality", help="converted models (deleted after each arm)")
     parser.add_argument("--rerun", action="store_true", help="rerun the named arms even if they have rows")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new arms after this long")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the rows; run nothing")
     args = parser.parse_args(argv)
     arms = quality.conversion_arms()
     names = [a.name for a in arms]
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.windows < 1:
         print(f"bench_quality: error: --windows must be >= 1, got {args.windows}", file=sys.stderr)
         return 2
+    if args.report_only:
+        _report(quality.read_rows(Path(args.results + ".jsonl")), args, argv)
+        return 0
     torch.manual_seed(0)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     from transformers import AutoTokenizer
@@ -75,12 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         with open(jsonl, "a") as f:
             f.write(__import__("json").dumps(row) + "\n")
         print(f"{arm.name}: ppl {row['ppl']:.4g}, {row['params']:,} params, convert {row['convert_s']}s, eval {row['eval_s']}s", flush=True)
-        machine = f"{platform.node()}, {os.cpu_count()} cores shared by six engineers (noisy), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
-        command = "python jobs/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        order = {a.name: i for i, a in enumerate(quality.conversion_arms())}
-        table = sorted((r for r in rows if r["windows"] == args.windows), key=lambda r: order.get(r["arm"], 99))
-        quality.write_report(table, Path(args.results + ".md"), Path(args.results + ".png"), command, machine)
+        _report(rows, args, argv)
     return 0
+
+
+def _report(rows: list[dict], args: argparse.Namespace, argv: list[str] | None) -> None:
+    machine = f"{platform.node()}, {os.cpu_count()} cores shared by six engineers (load average ~20: noisy), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    flags = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+    command = "python jobs/bench_quality.py " + " ".join(flags)
+    order = {a.name: i for i, a in enumerate(quality.conversion_arms())}
+    table = sorted((r for r in rows if r["windows"] == args.windows), key=lambda r: order.get(r["arm"], 99))
+    quality.write_report(table, Path(args.results + ".md"), Path(args.results + ".png"), command, machine)
 
 
 if __name__ == "__main__":
