@@ -10,6 +10,7 @@ rewritten from all rows after every arm. Seeded: conversions and calibration dra
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         row = quality.run_arm(arm, teacher, windows, Path(args.workdir))
         rows = [r for r in rows if not (r["key"] == arm.key and r["windows"] == args.windows)] + [row]
         with open(jsonl, "a") as f:
-            f.write(__import__("json").dumps(row) + "\n")
+            f.write(json.dumps(row) + "\n")
         print(f"{arm.name}: ppl {row['ppl']:.4g}, {row['params']:,} params, convert {row['convert_s']}s, eval {row['eval_s']}s", flush=True)
         _report(rows, args, argv)
     return 0
