@@ -14,9 +14,11 @@ Errors a user can cause print one line naming the bad value and what is allowed,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-from rrt_ray.convert.convert import DTYPES
+from rrt_ray.convert.calibrate import CalibrationSpec
+from rrt_ray.convert.convert import DTYPES, ConvertSpec
 from rrt_ray.convert.init_strategies import INIT_STRATEGIES
 from rrt_ray.convert.lora_init import LORA_INITS
 from rrt_ray.models.layer_map import SHARING_MODES
@@ -32,16 +34,17 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", metavar="SRC", help="Hugging Face model directory, hub id, or s3:// URI")
     p.add_argument("out", metavar="OUT", help="output directory or s3:// URI (written atomically)")
     p.add_argument("--loops", type=int, required=True, help="B: how many times the shared block runs (divides the layer count)")
+    default = {f.name: f.default for f in dataclasses.fields(ConvertSpec)}  # the spec's defaults, written once
     sharing_help = "; ".join(SHARING_MODES.get(name).help or name for name in SHARING_MODES)
-    p.add_argument("--sharing", choices=SHARING_MODES.names(), default="cycle", help=f"{sharing_help} (default: cycle)")
-    p.add_argument("--init", choices=INIT_STRATEGIES.names(), default="average", help=f"shared-layer initialisation: {INIT_STRATEGIES.allowed()} (default: average)")
-    p.add_argument("--lora-rank", default="0", help="per-depth LoRA rank: an integer, 0 for a plain recursive model, or 'full' (exact)")
-    p.add_argument("--lora-init", choices=LORA_INITS.names(), default="svd", help=f"LoRA initialisation: {LORA_INITS.allowed()} (svd: truncated SVD of the residual; default: svd)")
+    p.add_argument("--sharing", choices=SHARING_MODES.names(), default=default["sharing"], help=f"{sharing_help} (default: %(default)s)")
+    p.add_argument("--init", choices=INIT_STRATEGIES.names(), default=default["init"], help=f"shared-layer initialisation: {INIT_STRATEGIES.allowed()} (default: %(default)s)")
+    p.add_argument("--lora-rank", default=str(default["lora_rank"]), help="per-depth LoRA rank: an integer (clipped to each projection's full rank), 0 for a plain recursive model, or 'full' (exact)")
+    p.add_argument("--lora-init", choices=LORA_INITS.names(), default=default["lora_init"], help=f"LoRA initialisation: {LORA_INITS.allowed()} (svd: truncated SVD of the residual; default: %(default)s)")
     p.add_argument("--lora-targets", default=None, help="comma-separated projections (q,k,v,o,gate,up,down or module names); default: all")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="h = W'x + scale * B A x (default 1)")
+    p.add_argument("--lora-scale", type=float, default=default["lora_scale"], help="h = W'x + scale * B A x (default: %(default)s)")
     p.add_argument("--share-non-lora", action="store_true", help="share norm weights and biases across depths (not exact)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="storage dtype of the output")
-    p.add_argument("--calibrate", type=int, default=0, metavar="N", help="activation-aware SVD and shared init from N training-split sequences (default 0: plain SVD)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=default["dtype"], help="storage dtype of the output (default: %(default)s)")
+    p.add_argument("--calibrate", type=int, default=CalibrationSpec().sequences, metavar="N", help="activation-aware SVD and shared init from N training-split sequences (default %(default)s: plain SVD)")
     p.add_argument("--reconstruct", action="store_true", help="with --calibrate: layer-wise reconstruction of each position's LoRA and norms")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

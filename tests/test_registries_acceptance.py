@@ -57,9 +57,9 @@ def test_configs_and_messages_see_the_new_entries(throwaway_entries, capsys):
     KDConfig(loss="tvd")
     for make, pattern in [
         (lambda: ConvertSpec(loops=2, init="nope"), "allowed: stepwise, average, lower, upper"),
-        (lambda: ConvertSpec(loops=2, sharing="nope"), "allowed: cycle, sequence, mirror"),
+        (lambda: ConvertSpec(loops=2, sharing="nope"), "allowed: cycle, sequence, middle_cycle, mirror"),
         (lambda: ModelConfig(init="nope"), "is not one of stepwise, average, lower, upper"),
-        (lambda: ModelConfig(sharing="nope"), "is not one of cycle, sequence, mirror"),
+        (lambda: ModelConfig(sharing="nope"), "is not one of cycle, sequence, middle_cycle, mirror"),
         (lambda: KDConfig(loss="nope"), "is not one of forward_kl, reverse_kl, jsd, tvd"),
         (lambda: ARCHITECTURES.get("nope"), "unknown architecture 'nope'; allowed: .*qwen3"),
         (lambda: check_supported(T5Config()), r"unsupported architecture 't5'.*tested: .*gpt_neox, qwen3\)"),
@@ -69,7 +69,7 @@ def test_configs_and_messages_see_the_new_entries(throwaway_entries, capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "mirror" in help_text and "upper" in help_text and "{cycle,sequence,mirror}" in help_text
+    assert "mirror" in help_text and "upper" in help_text and "{cycle,sequence,middle_cycle,mirror}" in help_text
     s, t = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
     assert kd_divergence(s, t, torch.zeros(2, 3, dtype=torch.long), kind="tvd") > 0
 
