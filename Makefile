@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export RAY_USAGE_STATS_ENABLED := 0
 export DS_ACCELERATOR := cpu
 
-.PHONY: install demo test test-fast test-slow bench clean real-model
+.PHONY: install demo test test-fast test-slow test-heavy bench clean real-model
 
 install: $(STAMP)
 
@@ -28,14 +28,18 @@ demo: $(STAMP)
 real-model: $(STAMP)
 	$(BIN)/rrt fetch smollm2-135m --root out/models
 
+# `make test` is everything CI runs: the fast tests and the slow end-to-end ones, not the heavy real-model study.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not heavy" tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow and not heavy" tests
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow tests
+	$(BIN)/python -m pytest -q -m "slow and not heavy" tests
+
+test-heavy: $(STAMP)
+	$(BIN)/python -m pytest -q -m heavy tests
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

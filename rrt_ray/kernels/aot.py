@@ -8,7 +8,7 @@
 under the interpreter `tl` is patched for eager execution and the compiler cannot trace the kernels.
 
 Each kernel is compiled with the constexprs its launcher chooses for a serving-sized and a
-training-sized call (`_gather_matmul_tiles`, `_segment_outer_tiles`) and the dot configuration
+training-sized call (`_tiles`, one rule for both kernels) and the dot configuration
 `_dot_config` picks on CUDA for each operand dtype.
 """
 
@@ -32,8 +32,8 @@ def kernels() -> dict:
     from rrt_ray.kernels import triton_ops
 
     return {
-        "_gather_matmul_kernel": (triton_ops._gather_matmul_kernel, triton_ops._gather_matmul_tiles),
-        "_segment_outer_kernel": (triton_ops._segment_outer_kernel, triton_ops._segment_outer_tiles),
+        "_gather_matmul_kernel": (triton_ops._gather_matmul_kernel, triton_ops._tiles),
+        "_segment_outer_kernel": (triton_ops._segment_outer_kernel, triton_ops._tiles),
     }
 
 
