@@ -67,7 +67,8 @@ def pipeline(args, sizes, stages, head, work: Path) -> None:
     pre = PretrainConfig.load(str(CONFIGS / "pretrain_demo.yaml"), [f"run.output={args.teacher_root or work / 'teacher'}", *paths])
     teacher = stages.run("teacher", lambda: pretrain_teacher(pre, log=log))
 
-    steps = [f"optim.max_steps={args.steps or sizes['steps']}"] if (args.steps or sizes["steps"]) else []
+    n = args.steps or sizes["steps"]
+    steps = [f"optim.max_steps={n}", f"optim.warmup_steps={min(10, n // 4)}", f"run.eval_every={n}", f"run.checkpoint_every={n}"] if n else []
     cfg = preflight(TrainConfig.load(str(CONFIGS / "demo.yaml"), [f"model.teacher={teacher}", f"run.output={work / 'uptrained'}", *paths, *steps]))
     cfg.model.student = stages.run("convert", lambda: convert_teacher(cfg, log=log))
 

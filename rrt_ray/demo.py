@@ -87,17 +87,26 @@ class RayHead:
         self.gcs_port = free_port()
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
 
-    def start(self) -> None:
+    def start(self, attempts: int = 3) -> None:
         # Token auth is on by default in Ray 2.60: off for this private, 127.0.0.1-only head and its clients.
         os.environ["RAY_AUTH_MODE"] = "disabled"
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ports = {flag: free_port() for flag in ("--ray-client-server-port", "--dashboard-agent-listen-port",
                                                 "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")}
         command = [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={self.gcs_port}", f"--num-cpus={self.num_cpus}",
-                   "--disable-usage-stats", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                   "--disable-usage-stats", "--dashboard-host=127.0.0.1",
                    f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}"]
         command += [f"{flag}={port}" for flag, port in ports.items()]
-        subprocess.run(command, check=True, capture_output=True, timeout=180)
+        for attempt in range(1, attempts + 1):
+            # Ray waits a fixed 30 s for its raylet: on a loaded machine that can pass; clean up and retry.
+            done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+            if done.returncode == 0:
+                break
+            kill_owned(self.owner, grace_s=5.0)
+            reason = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
+            print(f"[demo] ray start --head attempt {attempt}/{attempts} failed: {reason[0][:200]}", flush=True)
+        else:
+            raise RuntimeError(f"ray start --head failed {attempts} times: {(done.stderr or done.stdout).strip()[-800:]}")
         # Ray Train's placement-group cleaner finds the cluster through RAY_ADDRESS (see rrt_ray.tune.runner).
         os.environ["RAY_ADDRESS"] = self.gcs_address
 
