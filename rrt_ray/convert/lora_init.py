@@ -26,6 +26,8 @@ class LoRAInitInput:
     rank: int  # r >= 1
     scale: float  # h = W'x + scale * B A x
     seed: int  # deterministic per (shared layer, depth)
+    moment: torch.Tensor | None = None  # C (d_in, d_in): second moment of the layer's inputs (--calibrate)
+    damping: float = 0.01  # of C's mean diagonal, for the Cholesky factor of C
 
 
 LoRAInit = Callable[[LoRAInitInput], tuple[torch.Tensor, torch.Tensor]]  # -> A (r, d_in), B (d_out, r)
@@ -34,7 +36,14 @@ LORA_INITS: Registry[LoRAInit] = Registry("lora init")
 
 @LORA_INITS.register("svd")
 def svd_init(spec: LoRAInitInput) -> tuple[torch.Tensor, torch.Tensor]:
-    us, vh = truncated_svd(spec.original() - spec.shared, spec.rank, seed=spec.seed)  # (d_out, r), (r, d_in)
+    """With calibration statistics, the activation-aware truncation (rrt_ray/convert/calibrate.py)."""
+    residual = spec.original() - spec.shared  # (d_out, d_in)
+    if spec.moment is not None:
+        from rrt_ray.convert.calibrate import whitened_truncated_svd
+
+        us, vh = whitened_truncated_svd(residual, spec.moment, spec.rank, damping=spec.damping, seed=spec.seed)
+    else:
+        us, vh = truncated_svd(residual, spec.rank, seed=spec.seed)  # (d_out, r), (r, d_in)
     return vh, us / spec.scale
 
 

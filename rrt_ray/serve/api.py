@@ -21,6 +21,7 @@ that goes away is counted as `status="cancelled"` and logged at DEBUG, never as 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -55,6 +56,7 @@ class ServerSettings:
     default_exit_threshold: used when a request sends no exit_threshold (1.0: no early exit).
     api_key_env: environment variable holding the bearer API key; unset or empty: no key required.
     max_body_bytes: larger request bodies get 413.
+    max_n: choices one request may ask for with `n` (400 above).
     """
 
     model_name: str = "rrt"
@@ -64,9 +66,10 @@ class ServerSettings:
     default_exit_threshold: float = 1.0
     api_key_env: str = "RRT_API_KEY"
     max_body_bytes: int = 1_000_000
+    max_n: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("max_prompt_tokens", "max_tokens_limit", "max_concurrent_requests", "max_body_bytes"):
+        for name in ("max_prompt_tokens", "max_tokens_limit", "max_concurrent_requests", "max_body_bytes", "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.default_exit_threshold <= 1.0:
@@ -95,6 +98,8 @@ class _Call:
     include_usage: bool
     chat: bool
     outcome: _Outcome
+    echo: bool = False  # completions: the prompt (and its log-probs) before the completion
+    logprobs: bool = False  # choices carry log-probs (legacy completions format, or chat's)
 
 
 def _is_cancellation(err: BaseException) -> bool:
@@ -257,9 +262,27 @@ class CompletionAPI:
             raise APIError(400, f"prompt: {len(prompts)} prompts in one request; the limit is {limit}", param="prompt")
         ids = [self.encode(p) for p in prompts]
         params = self.sampling(req)
+        self.check_choices(req, len(ids), streamed=("echo", "logprobs") if req.echo or req.logprobs is not None else ())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        call = _Call([Generation(i, params) for i in ids], req.stream, include_usage, False, outcome)
+        generations = [Generation(i, p) for i in ids for p in self.choices(params, req.n)]
+        call = _Call(generations, req.stream, include_usage, False, outcome, echo=req.echo, logprobs=req.logprobs is not None)
         return await self.run(call)
+
+    def check_choices(self, req, num_prompts: int, streamed: tuple[str, ...]) -> None:
+        """n within the server's limit; fields this server answers only without streaming."""
+        if req.n > self.settings.max_n:
+            raise APIError(400, f"n: {req.n} is above this server's limit of {self.settings.max_n}", param="n")
+        if num_prompts * req.n > self.settings.max_concurrent_requests:
+            raise APIError(400, f"n: {num_prompts} prompts x n={req.n} choices is above the limit of {self.settings.max_concurrent_requests}", param="n")
+        if req.stream and streamed:
+            raise APIError(400, f"{streamed[0]}: not supported with stream=true on this server", param=streamed[0])
+
+    @staticmethod
+    def choices(params, n: int) -> list:
+        """n independent choices: seeded requests get seeds seed, seed + 1, ... (reproducible, different)."""
+        if n == 1 or params.seed is None:
+            return [params] * n
+        return [dataclasses.replace(params, seed=(params.seed + i) % 2**63) for i in range(n)]
 
     async def chat_completions(self, request: Request):
         outcome = self.outcome(request)
@@ -275,8 +298,11 @@ class CompletionAPI:
             raise APIError(400, f"messages: the chat template rejected them: {err}", param="messages") from None
         ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
         params = self.sampling(req)
+        self.check_choices(req, 1, streamed=("logprobs",) if req.logprobs else ())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        call = _Call([Generation(self.encode(list(ids), "messages"), params)], req.stream, include_usage, True, outcome)
+        prompt = self.encode(list(ids), "messages")
+        generations = [Generation(prompt, p) for p in self.choices(params, req.n)]
+        call = _Call(generations, req.stream, include_usage, True, outcome, logprobs=bool(req.logprobs))
         return await self.run(call)
 
     # ------------------------------------------------------------------ running a request
@@ -315,11 +341,31 @@ class CompletionAPI:
         finally:
             for s in streams:
                 await s.aclose()
-        choices = [protocol.choice(i, f.text, f.finish_reason, f.exit_loops, call.chat) for i, f in enumerate(finals)]
+        choices = [self.final_choice(i, f, call) for i, f in enumerate(finals)]
         tokens = protocol.usage(sum(f.num_prompt_tokens for f in finals), sum(len(f.token_ids) for f in finals))
         body = protocol.completion_body(request_id, self.settings.model_name, choices, tokens, call.chat)
         call.outcome.record("ok")
         return JSONResponse(body)
+
+    def final_choice(self, index: int, out, call: _Call) -> dict:
+        """One non-streamed choice: text (after the prompt's, with echo), exit loops, log-probs, drafts."""
+        text, prompt_text = out.text, ""
+        extra = {"drafted_tokens": out.drafted, "accepted_drafts": out.accepted} if out.drafted else {}
+        if call.echo:
+            prompt_ids = list(call.generations[index].prompt_ids)
+            prompt_text = self.tokenizer.decode(prompt_ids) if self.tokenizer is not None else ""
+            text = prompt_text + text
+        logprobs = None
+        if call.logprobs and call.chat:
+            logprobs = protocol.chat_logprobs(self.tokenizer, out.token_ids, out.logprobs, out.top_logprobs)
+        elif call.logprobs:
+            ids, lps, tops = list(out.token_ids), list(out.logprobs), list(out.top_logprobs or [{}] * len(out.token_ids))
+            if call.echo:
+                ids = list(call.generations[index].prompt_ids) + ids
+                lps = list(out.prompt_logprobs) + lps
+                tops = list(out.prompt_top_logprobs) + tops
+            logprobs = protocol.completion_logprobs(self.tokenizer, ids, lps, tops)
+        return protocol.choice(index, text, out.finish_reason, out.exit_loops, call.chat, logprobs=logprobs, extra=extra)
 
     async def sse(self, streams: list[OutputStream], request_id: str, call: _Call) -> AsyncIterator[str]:
         model, chat = self.settings.model_name, call.chat

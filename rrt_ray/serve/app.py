@@ -60,7 +60,8 @@ class ServeAppConfig:
     """Everything the replicas need.
 
     model: a model path (`rrt_ray.model_source`: a model directory, a published root, s3://).
-    num_replicas / num_cpus: model deployment replicas and the CPUs each reserves.
+    num_replicas / num_cpus / num_gpus: model deployment replicas and the CPUs and GPUs each reserves
+        (num_gpus places replicas on GPU workers; the engine computes on the model's device).
     ingress_num_cpus: CPUs the HTTP ingress replica reserves (it holds no model).
     """
 
@@ -68,6 +69,7 @@ class ServeAppConfig:
     model_name: str | None = None
     num_replicas: int = 1
     num_cpus: float = 1.0
+    num_gpus: float = 0.0
     ingress_num_cpus: float = 0.25
     torch_threads: int = 1
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
@@ -82,6 +84,8 @@ class ServeAppConfig:
             self.server = ServerSettings(**self.server)
         if not 0 < self.num_cpus:
             raise ValueError(f"num_cpus must be > 0, got {self.num_cpus}")
+        if not 0 <= self.num_gpus:
+            raise ValueError(f"num_gpus must be >= 0, got {self.num_gpus}")
         if not 0 <= self.ingress_num_cpus:
             raise ValueError(f"ingress_num_cpus must be >= 0, got {self.ingress_num_cpus}")
         if self.num_replicas < 1:
@@ -336,7 +340,7 @@ def build_application(config: ServeAppConfig) -> Application:
     # The margin keeps /healthz and /metrics reachable while the limit is reached.
     max_ongoing = config.server.max_concurrent_requests + 16
     model = ModelServer.options(
-        num_replicas=config.num_replicas, ray_actor_options={"num_cpus": config.num_cpus},
+        num_replicas=config.num_replicas, ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         max_ongoing_requests=max_ongoing, health_check_period_s=5.0,
     ).bind(config.to_dict())
     return CompletionIngress.options(

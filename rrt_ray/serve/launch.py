@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -111,6 +112,26 @@ class ServeLauncher:
         return self
 
     def start(self, timeout_s: float) -> None:
+        """Start on a helper thread while the main thread waits: `ray.init` can sit in C code for long
+        stretches (tens of seconds on a loaded machine), where a signal handler would never run."""
+        failure: list[BaseException] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                self._start(timeout_s)
+            except BaseException as err:  # noqa: BLE001  (handed to the main thread)
+                failure.append(err)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="rrt-serve-start", daemon=True).start()
+        while not done.wait(0.2):  # signal handlers run between these waits
+            pass
+        if failure:
+            raise failure[0]
+
+    def _start(self, timeout_s: float) -> None:
         import ray
         from ray import serve
 
@@ -122,7 +143,6 @@ class ServeLauncher:
             self._temp_dir = tempfile.mkdtemp(prefix="rrt-serve-")
             ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, _temp_dir=self._temp_dir)
         self._ray_started = True
-        install_stop_handlers()
         serve.start(http_options={"host": self.host, "port": self.port})
         serve.run(build_application(self.config), name=APP_NAME, route_prefix="/", blocking=False)
         wait_healthy(self.url, timeout_s)
@@ -150,8 +170,12 @@ class ServeLauncher:
             finally:
                 ray.shutdown()
             return
-        if ray.is_initialized():
-            ray.shutdown()  # stops the raylet and GCS this driver started; workers follow them
-        kill_owned(self.owner)  # what is left of ours (never another cluster's processes)
+        if ray.is_initialized():  # stops the raylet and GCS this driver started; bounded: on a loaded
+            stopper = threading.Thread(target=ray.shutdown, daemon=True)  # machine it can take long
+            stopper.start()
+            stopper.join(timeout=4.0)
+        kill_owned(self.owner, grace_s=1.5)  # what is left of ours (never another cluster's processes)
+        time.sleep(0.5)
+        kill_owned(self.owner, grace_s=1.0)  # anything a startup still under way spawned meanwhile
         if self._temp_dir:
             shutil.rmtree(self._temp_dir, ignore_errors=True)

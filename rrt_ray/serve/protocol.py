@@ -6,6 +6,9 @@ unknown fields are ignored, as the OpenAI API does for clients that send newer f
 rrt extensions (send them in the body, e.g. `extra_body=` with the openai client):
     exit_threshold  early-exit confidence threshold in [0, 1] (1 = never exit early)
     max_loops       loops a generated token may run at most
+    exit_mode       "confidence" (early exit by exit_threshold), "speculative" (lossless self-speculative
+                    decoding) or "none" (full depth)
+    draft_tokens    tokens the loop-1 exit drafts per speculative round (>= 1)
 and every choice carries `exit_loops`: the loops each generated token ran.
 """
 
@@ -14,6 +17,8 @@ from __future__ import annotations
 import time
 import uuid
 from typing import Literal
+
+from rrt_ray.serve.sampling import EXIT_MODES, MAX_LOGPROBS
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -39,12 +44,14 @@ class _SamplingFields(_Strict):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    n: int = Field(1, ge=1)  # the server's own limit is checked by the HTTP layer
     presence_penalty: Literal[0, 0.0] = 0.0
     frequency_penalty: Literal[0, 0.0] = 0.0
     user: str | None = None
     exit_threshold: float | None = Field(None, ge=0.0, le=1.0)
     max_loops: int | None = Field(None, ge=1)
+    exit_mode: Literal[EXIT_MODES] | None = None
+    draft_tokens: int | None = Field(None, ge=1)
 
     def stop_list(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -54,6 +61,10 @@ class _SamplingFields(_Strict):
 
     def max_new_tokens(self) -> int:
         raise NotImplementedError
+
+    def logprob_fields(self) -> dict:
+        """SamplingParams' logprobs / prompt_logprobs for this request (none by default)."""
+        return {}
 
     def sampling_params(self, default_exit_threshold: float) -> SamplingParams:
         """The engine's settings for this request: every field maps here, once.
@@ -65,18 +76,25 @@ class _SamplingFields(_Strict):
             max_tokens=self.max_new_tokens(), temperature=self.temperature, top_p=self.top_p, seed=self.seed,
             stop=self.stop_list(), max_loops=self.max_loops,
             exit_threshold=default_exit_threshold if self.exit_threshold is None else self.exit_threshold,
+            exit_mode=self.exit_mode or "confidence", **({} if self.draft_tokens is None else {"draft_tokens": self.draft_tokens}),
+            **self.logprob_fields(),
         )
 
 
 class CompletionRequest(_SamplingFields):
     prompt: Prompt
-    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1)
-    echo: Literal[False] = False
-    logprobs: None = None
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=0)  # 0 only with echo (score the prompt)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: None = None
 
     def max_new_tokens(self) -> int:
         return self.max_tokens
+
+    def logprob_fields(self) -> dict:
+        # echo scores the prompt at full depth (lm-eval's loglikelihood: echo + logprobs + max_tokens 1)
+        scored = self.echo and (self.logprobs is not None or self.max_tokens == 0)
+        return {"logprobs": self.logprobs, "prompt_logprobs": (self.logprobs or 0) if scored else None}
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per choice: a string or a list of token ids."""
@@ -99,10 +117,17 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: Literal[False] = False  # not part of the chat API: refused rather than silently ignored
 
     def max_new_tokens(self) -> int:
         return self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
+
+    def logprob_fields(self) -> dict:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
+        return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
 
 
 class APIError(Exception):
@@ -177,9 +202,34 @@ def completion_body(request_id: str, model: str, choices: list[dict], usage_: di
     return body
 
 
-def choice(index: int, text: str, finish_reason: str | None, exit_loops: list[int], chat: bool, delta: bool = False) -> dict:
+def choice(
+    index: int, text: str, finish_reason: str | None, exit_loops: list[int], chat: bool, delta: bool = False,
+    logprobs: dict | None = None, extra: dict | None = None,
+) -> dict:
+    extra = extra or {}
     if not chat:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason, "exit_loops": exit_loops}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason, "exit_loops": exit_loops, **extra}
     key = "delta" if delta else "message"
     content = {"content": text} if delta else {"role": "assistant", "content": text}
-    return {"index": index, key: content, "logprobs": None, "finish_reason": finish_reason, "exit_loops": exit_loops}
+    return {"index": index, key: content, "logprobs": logprobs, "finish_reason": finish_reason, "exit_loops": exit_loops, **extra}
+
+
+def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[float | None], tops: list[dict | None], offset: int = 0) -> dict:
+    """The legacy completions format: tokens, token_logprobs, top_logprobs ({token: logprob} per token,
+    None where a token has no score: the first prompt token), text_offset (into the choice's text)."""
+    tokens = [tokenizer.decode([t]) if tokenizer is not None else str(t) for t in token_ids]
+    offsets, position = [], offset
+    for token in tokens:
+        offsets.append(position)
+        position += len(token)
+    top = [None if d is None else {(tokenizer.decode([t]) if tokenizer is not None else str(t)): lp for t, lp in d.items()} for d in tops]
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[float], tops: list[dict]) -> dict:
+    """The chat format: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    def entry(token_id: int, lp: float) -> dict:
+        token = tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
+        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top.items()]} for t, lp, top in zip(token_ids, logprobs, tops)]}

@@ -39,8 +39,12 @@ def resolve_model(uri: str, key: str) -> str:
     """A model directory, or a published root whose "latest" marker names one. Local paths must exist."""
     from rrt_ray import storage
 
+    from rrt_ray.convert.gguf_import import is_gguf, resolve_model_path
+
     if storage.is_remote(uri):
         return uri
+    if is_gguf(uri):  # imported once into a content-keyed cache directory
+        return resolve_model_path(uri, log=print)
     path = Path(uri).expanduser()
     if (path / "config.json").is_file():
         return str(path.resolve())

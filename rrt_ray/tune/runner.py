@@ -38,7 +38,7 @@ TB_SCALARS = ("loss", "ce_loss", "kd_loss", "heldout_loss", "heldout_ppl", "lr",
 class HeldoutReportCallback(TuneReportCallback):
     """TuneReportCallback that adds ASHA's metric and time to rank 0's report.
 
-    heldout_loss = ln(heldout_ppl). asha_tokens = tokens_seen, left out at the token budget: ASHA stops
+    heldout_loss = ln(heldout_ppl) where the loop does not report it. asha_tokens = tokens_seen, left out at the token budget: ASHA stops
     any trial whose time reaches its max_t, and the budget's last report comes before the export, which
     must still run (ASHA lets a report without its time attribute pass).
     """
@@ -51,7 +51,7 @@ class HeldoutReportCallback(TuneReportCallback):
         enriched = []
         for worker_metrics in metrics:
             extra: dict[str, Any] = {}
-            if "heldout_ppl" in worker_metrics:
+            if "heldout_ppl" in worker_metrics and "heldout_loss" not in worker_metrics:
                 ppl = worker_metrics["heldout_ppl"]
                 extra["heldout_loss"] = math.log(ppl) if ppl > 0 and math.isfinite(ppl) else float("inf")
             if worker_metrics.get("tokens_seen", self.budget_tokens) < self.budget_tokens:

@@ -40,9 +40,10 @@ def plan_sweep(cfg: TuneConfig) -> tuple[list[TrialPlan], Any]:
     _set(cfg.train, "model.teacher", resolve_model(cfg.train["model"]["teacher"], "train.model.teacher"))
     _set(cfg.train, "run.storage", storage.join(cfg.sweep.storage, f"{cfg.sweep.name}-trainer"))
     _set(cfg.train, "run.output", storage.join(cfg.sweep.output, cfg.sweep.name, "trials"))
-    for key, default in (("run.workdir", ".cache/work"), ("data.cache_dir", ".cache/tokens")):
-        section, leaf = key.split(".")
-        _set(cfg.train, key, _absolute(cfg.train.get(section, {}).get(leaf, default)))
+    from rrt_ray.train.config import DataConfig, RunOptions
+
+    for section, leaf, default in (("run", "workdir", RunOptions().workdir), ("data", "cache_dir", DataConfig().cache_dir)):
+        _set(cfg.train, f"{section}.{leaf}", _absolute(cfg.train.get(section, {}).get(leaf, default)))
     plans = expand(cfg, text)
     check_data_source(plans[0].train["data"]["source"])
     return plans, text

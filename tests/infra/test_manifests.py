@@ -108,7 +108,7 @@ def test_every_image_is_the_project_image_and_ray_version_matches_the_pin():
     for path in MANIFESTS:
         text = path.read_text()
         manifest = yaml.safe_load(text)
-        spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+        spec = manifest["spec"].get("rayClusterSpec", manifest["spec"].get("rayClusterConfig", manifest["spec"]))
         assert spec["rayVersion"] in pinned, path.name
         images = [line.split("image:")[1].strip() for line in text.splitlines() if "image:" in line]
         assert images and all(image == "rrt-ray:0.1.0" for image in images), path.name
@@ -121,6 +121,44 @@ def test_ray_up_config_and_runtime_env_parse():
     runtime_env = yaml.safe_load((ROOT / "infra/runtime_env.yaml").read_text())
     assert set(runtime_env) <= {"env_vars", "excludes", "working_dir", "pip", "py_modules"}
     assert not any("AWS_" in key for key in runtime_env["env_vars"])  # credentials never in manifests
+
+
+def test_rayservice_runs_this_repos_serve_app_with_the_model_from_s3_and_the_key_from_a_secret():
+    from ray.serve.schema import ServeDeploySchema
+
+    from rrt_ray.serve.app import ServeAppConfig, app_builder
+
+    manifest = yaml.safe_load((ROOT / "infra/kuberay/rayservice-serve.yaml").read_text())
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    [app] = ServeDeploySchema.model_validate(serve_config).applications
+    assert app.import_path == "rrt_ray.serve.app:app_builder"
+    config = ServeAppConfig.from_args(app.args)  # the app's own validation
+    app_builder(app.args)
+    assert config.model.startswith("s3://") and config.num_gpus >= 1 and config.num_replicas >= 2
+    workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert any("nvidia.com/gpu" in w["template"]["spec"]["containers"][0]["resources"]["limits"] for w in workers)
+    pods = [manifest["spec"]["rayClusterConfig"]["headGroupSpec"]] + workers
+    for pod in pods:  # every node may run the ingress: each has the key, from a Secret, never inline
+        [key] = [e for e in pod["template"]["spec"]["containers"][0]["env"] if e["name"] == config.server.api_key_env]
+        assert "value" not in key and key["valueFrom"]["secretKeyRef"]["name"]
+    assert "AWS_SECRET" not in manifest["spec"]["serveConfigV2"]
+
+
+@pytest.mark.parametrize("path", [
+    ("spec", "rayClusterConfig"),
+    ("spec", "rayClusterConfig", "headGroupSpec"),
+    ("spec", "rayClusterConfig", "workerGroupSpecs", 0, "groupName"),
+    ("spec", "rayClusterConfig", "headGroupSpec", "template", "spec", "containers", 0, "name"),
+], ids=lambda p: ".".join(map(str, p)))
+def test_rayservice_without_a_required_field_fails(path):
+    manifest = yaml.safe_load((ROOT / "infra/kuberay/rayservice-serve.yaml").read_text())
+    assert _check(manifest) == []
+    parent = manifest
+    for key in path[:-1]:
+        parent = parent[key]
+    del parent[path[-1]]
+    with pytest.raises(jsonschema.ValidationError):
+        _check(manifest)
 
 
 def test_tune_rayjob_runs_a_valid_sweep_of_this_repo_with_the_dashboard_on():

@@ -106,7 +106,7 @@ def test_a_published_plain_model_serves_its_latest_and_stops_on_sigterm(model_di
     storage.publish_dir(str(model_dirs["plain"]), str(root), "final")
     job = ServeJob(str(root), "--name", "plain")
     try:
-        assert job.ready.wait(timeout=240), "".join(job.output[-40:])
+        assert job.ready.wait(timeout=600), "".join(job.output[-40:])
         r = requests.post(f"{job.url}/v1/completions", json={"model": "plain", "prompt": "w10 w11 w12", "max_tokens": 4, "temperature": 0}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["exit_loops"] == [1] * r.json()["usage"]["completion_tokens"]
@@ -122,7 +122,7 @@ def test_a_published_plain_model_serves_its_latest_and_stops_on_sigterm(model_di
 @pytest.mark.slow
 def test_sigterm_during_startup_stops_everything(model_dirs):
     job = ServeJob(str(model_dirs[2]))
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while len(owned_processes(job.owner)) < 3:  # Ray's own processes are up: the cluster is starting
         assert job.proc.poll() is None and time.monotonic() < deadline, "".join(job.output[-40:])
         time.sleep(0.2)

@@ -131,8 +131,11 @@ def sweep(tmp_path_factory, tiny_teacher):
         _wait_for(lambda: f"tune: {TRIALS[1]} started" in first_logs(), 900, "the second trial to start")
         stop = _ray(env, "job", "stop", "--address", address, job_id, timeout=120)
         assert stop.returncode == 0, stop.stderr[-2000:]
-        status = lambda: _ray(env, "job", "status", "--address", address, job_id, timeout=60).stdout  # noqa: E731
-        _wait_for(lambda: any(word in status() for word in ("STOPPED", "FAILED", "SUCCEEDED")), 600, "the job to end")
+        def ended() -> bool:  # `ray job status` prints e.g. "Job 'raysubmit_...' was stopped" (on stdout or stderr)
+            done = _ray(env, "job", "status", "--address", address, job_id, timeout=60)
+            return any(word in (done.stdout + done.stderr).lower() for word in ("stopped", "failed", "succeeded"))
+
+        _wait_for(ended, 600, "the job to end")
         interrupted_log = first_logs()
         second = _ray(env, "job", "submit", "--address", address, *entry)
     out = Path(config["sweep"]["output"]) / "accept"

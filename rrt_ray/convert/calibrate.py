@@ -1,0 +1,328 @@
+"""Calibrated conversion: start the recursive model close to the original instead of at perplexity 10^6.
+
+The paper's plain SVD minimises ||R - R_r||_F over all inputs. What matters is the error on the inputs a
+projection actually sees. With X (n, d_in) the inputs of original layer l's projection on a few calibration
+sequences from the training split, and C = X^T X / n = S S^T (Cholesky, damped):
+
+    ||(R - R_r) X^T||_F^2 / n = ||(R - R_r) S||_F^2        so the best rank-r R_r in that norm is
+    R_r = [R S]_r S^{-1}                                   (truncate the whitened residual, then unwhiten:
+                                                            SVD-LLM's construction; B = U_r S_r, A = V_r^T S^{-1})
+
+Damping C + lam I keeps S well conditioned; the inequality ||(R - R_r) X|| <= ||(R - R_svd) X|| still holds
+for any lam >= 0 (R_r minimises f + lam g with f the activation error and g the Frobenius error, which the
+plain SVD minimises, so f(R_r) <= f(R_svd) + lam (g(R_svd) - g(R_r)) <= f(R_svd)).
+
+The shared weight is activation-weighted too: W'_k = argmin sum_l ||(W_l - W') X_l^T||^2
+= (sum_l W_l C_l)(sum_l C_l)^{-1} over the layers the init strategy picks (for one layer: that layer).
+
+`--reconstruct` then trains, for each unrolled position on its own, its LoRA, per-depth norms and biases so
+that the shared layer reproduces the original layer's output on the original's hidden states (positions are
+independent given those, and W' stays frozen), keeping the best parameters seen, so it never ends worse than
+it started on the calibration data (at full rank the start is exact and is kept).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rrt_ray.convert.svd import truncated_svd
+
+
+@dataclass
+class CalibrationSpec:
+    """How `rrt convert --calibrate N` calibrates. Validated before any weight is read.
+
+    sequences: calibration sequences (0: no calibration, the paper's plain SVD); seq_len: tokens each.
+    data: the corpus (as `data.source` in training); always its training split, never the held-out one.
+    damping: lam as a fraction of the mean diagonal of C (GPTQ's 1%).
+    reconstruct: layer-wise reconstruction after the activation-aware init; steps and lr of its Adam, and how
+        many calibration batches each step sees.
+    batch_size: calibration sequences per forward pass (memory only); seed: which sequences are drawn.
+    """
+
+    sequences: int = 0
+    seq_len: int = 256
+    data: str = "default"
+    damping: float = 0.01
+    reconstruct: bool = False
+    reconstruct_steps: int = 40
+    reconstruct_lr: float = 1e-3
+    reconstruct_batches: int = 1  # calibration batches each reconstruction step sees (time: ~linear in it)
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.sequences >= 0, f"--calibrate must be >= 0 sequences, got {self.sequences}"),
+            (self.seq_len >= 2, f"calibration seq_len must be >= 2, got {self.seq_len}"),
+            (self.damping >= 0, f"calibration damping must be >= 0, got {self.damping}"),
+            (self.reconstruct_steps >= 1, f"reconstruct steps must be >= 1, got {self.reconstruct_steps}"),
+            (self.reconstruct_lr > 0, f"reconstruct lr must be > 0, got {self.reconstruct_lr}"),
+            (self.batch_size >= 1, f"calibration batch_size must be >= 1, got {self.batch_size}"),
+            (self.reconstruct_batches >= 1, f"reconstruct batches must be >= 1, got {self.reconstruct_batches}"),
+            (not self.reconstruct or self.sequences > 0, "--reconstruct needs --calibrate N with N > 0 calibration sequences"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def enabled(self) -> bool:
+        return self.sequences > 0
+
+
+# ---------------------------------------------------------------- the linear algebra
+
+
+def damped_cholesky(moment: torch.Tensor, damping: float) -> torch.Tensor:
+    """Lower-triangular S (d, d) with S S^T = C + damping * mean(diag C) * I, in float64."""
+    c = moment.double()
+    lam = damping * c.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(c.shape[0], dtype=c.dtype)
+    for extra in (0.0, 1e-8, 1e-6, 1e-4):  # a singular C with damping 0: the smallest jitter that factors
+        s, info = torch.linalg.cholesky_ex(c + (lam + extra * c.diagonal().mean()) * eye)
+        if info == 0:
+            return s
+    raise ValueError("calibration second moment is not positive definite even with damping; use more sequences")
+
+
+def whitened_truncated_svd(
+    residual: torch.Tensor, moment: torch.Tensor, rank: int, *, damping: float = 0.01, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) with B A the best rank-r approximation of residual (m, n) in the norm ||M S||_F.
+
+    moment: C (n, n), the second moment of the inputs. Shapes: B (m, r), A (r, n), fp32.
+    """
+    s = damped_cholesky(moment, damping)  # (n, n) lower
+    whitened = residual.double() @ s  # (m, n)
+    us, vh = truncated_svd(whitened.float(), rank, seed=seed)  # whitened ~= us @ vh
+    a = torch.linalg.solve_triangular(s, vh.double(), upper=False, left=False)  # vh S^{-1}: (r, n)
+    return us.float(), a.float()
+
+
+def activation_weighted_mean(weights: list[torch.Tensor], moments: list[torch.Tensor], damping: float = 0.01) -> torch.Tensor:
+    """argmin_W sum_i ||(W_i - W) S_i||^2 = (sum_i W_i C_i)(sum_i C_i)^{-1}. weights (m, n), moments (n, n)."""
+    if len(weights) == 1:
+        return weights[0].clone()
+    total = sum(c.double() for c in moments)  # (n, n)
+    lam = damping * total.diagonal().mean().clamp_min(1e-12)
+    total = total + lam * torch.eye(total.shape[0], dtype=total.dtype)
+    rhs = sum(w.double() @ c.double() for w, c in zip(weights, moments)) + lam * sum(w.double() for w in weights) / len(weights)
+    return torch.linalg.solve(total, rhs.mT).mT.float()  # C symmetric: W' C = rhs  <=>  C W'^T = rhs^T
+
+
+def activation_error(residual: torch.Tensor, b: torch.Tensor, a: torch.Tensor, inputs: torch.Tensor) -> float:
+    """||(R - B A) X^T||_F for inputs X (n, d_in)."""
+    return torch.linalg.matrix_norm((residual.double() - b.double() @ a.double()) @ inputs.double().mT).item()
+
+
+# ---------------------------------------------------------------- statistics of the original model
+
+
+def calibration_batches(tokenizer, spec: CalibrationSpec, cache_dir: str = ".cache/tokens") -> torch.Tensor:
+    """spec.sequences windows (S, L) drawn (seeded) from the training split of spec.data."""
+    from rrt_ray import data
+
+    tokens = data.tokenize_cached(data.load_texts(spec.data, "train", None), tokenizer, cache_dir)
+    windows = len(tokens) // spec.seq_len
+    if windows < spec.sequences:
+        raise ValueError(f"--calibrate {spec.sequences}: the training split of {spec.data!r} has only {windows} windows of {spec.seq_len} tokens")
+    rows = np.random.default_rng(spec.seed).choice(windows, size=spec.sequences, replace=False)
+    picked = np.stack([tokens[r * spec.seq_len : (r + 1) * spec.seq_len] for r in sorted(rows)]).astype(np.int64)
+    return torch.from_numpy(picked)  # (S, L)
+
+
+class LayerStats:
+    """Second moments of every linear projection's input, and (optionally) each layer's input, output and
+    call arguments, gathered by hooks on the original model over the calibration batches."""
+
+    def __init__(self, model: nn.Module, layers: nn.ModuleList, keep_hidden: bool) -> None:
+        self.moments: dict[tuple[int, str], torch.Tensor] = {}  # (layer, projection rel name) -> C (d_in, d_in)
+        self.counts: dict[tuple[int, str], int] = {}
+        self.hidden_in: dict[int, list[torch.Tensor]] = {}  # layer -> [(b, L, d)] per batch
+        self.hidden_out: dict[int, list[torch.Tensor]] = {}
+        self.call_kwargs: dict[int, list[dict]] = {}
+        self._handles = []
+        # Projections that read one tensor (q/k/v, gate/up) share one moment: input tensor -> its key. Held
+        # (not just its id) and cleared when the next layer starts, so an id is never reused within it.
+        self._alias: dict[int, tuple[torch.Tensor, tuple[int, str]]] = {}
+        for index, layer in enumerate(layers):
+            self._handles.append(layer.register_forward_pre_hook(lambda *_: self._alias.clear()))
+            for rel, module in layer.named_modules():
+                if isinstance(module, nn.Linear):
+                    self._handles.append(module.register_forward_hook(self._linear_hook(index, rel)))
+            if keep_hidden:
+                self._handles.append(layer.register_forward_pre_hook(self._layer_pre_hook(index), with_kwargs=True))
+                self._handles.append(layer.register_forward_hook(self._layer_hook(index)))
+
+    def _linear_hook(self, layer: int, rel: str):
+        def hook(module, args, output) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (n, d_in)
+            key = (layer, rel)
+            self.counts[key] = self.counts.get(key, 0) + x.shape[0]
+            held = self._alias.get(id(args[0]))
+            if held is not None and held[0] is args[0]:  # q/k/v (gate/up) read one tensor: one moment
+                self.moments.setdefault(key, self.moments[held[1]])
+                return
+            self._alias[id(args[0])] = (args[0], key)
+            gram = x.mT @ x  # (d_in, d_in)
+            if key in self.moments:
+                self.moments[key].add_(gram)  # in place: aliases see it
+            else:
+                self.moments[key] = gram
+
+        return hook
+
+    def _layer_pre_hook(self, layer: int):
+        def hook(module, args, kwargs) -> None:
+            self.hidden_in.setdefault(layer, []).append(args[0].detach())
+            kept = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+            self.call_kwargs.setdefault(layer, []).append(kept)
+
+        return hook
+
+    def _layer_hook(self, layer: int):
+        def hook(module, args, output) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            self.hidden_out.setdefault(layer, []).append(out.detach())
+
+        return hook
+
+    def finish(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        # aliased moments were summed once per batch through their owner; normalise every key once
+        done = set()
+        for key, moment in self.moments.items():
+            if id(moment) not in done:
+                moment /= max(self.counts[key], 1)
+                done.add(id(moment))
+        self._alias.clear()
+
+    def moment(self, layer: int, rel: str) -> torch.Tensor:
+        return self.moments[(layer, rel)]
+
+
+@torch.no_grad()
+def collect_stats(model: nn.Module, layers: nn.ModuleList, batches: torch.Tensor, batch_size: int, keep_hidden: bool) -> LayerStats:
+    """Run the original model (eval, fp32) over batches (S, L) with the statistics hooks attached."""
+    stats = LayerStats(model, layers, keep_hidden)
+    try:
+        for start in range(0, len(batches), batch_size):
+            model(input_ids=batches[start : start + batch_size], use_cache=False)
+    finally:
+        stats.finish()
+    return stats
+
+
+# ---------------------------------------------------------------- layer-wise reconstruction
+
+
+def _position_parameters(layer: nn.Module) -> list[nn.Parameter]:
+    """The per-depth parameters of a shared layer (LoRA, per-depth biases, PerDepth norms); W' excluded."""
+    from rrt_ray.models.lora import RelaxedLoRALinear
+    from rrt_ray.models.per_depth import PerDepth
+
+    params = []
+    for module in layer.modules():
+        if isinstance(module, RelaxedLoRALinear):
+            params += [p for p in (module.lora_a, module.lora_b) if p is not None]
+            if module.bias is not None and module.bias.dim() == 2:
+                params.append(module.bias)
+        elif isinstance(module, PerDepth):
+            params += [getattr(module, name) for name in module.param_names]
+    return params
+
+
+def _position_loss(call, inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: list[dict]) -> torch.Tensor:
+    """Mean over batches of ||f(h) - y||^2 / ||y - h||^2: the error relative to what the layer adds."""
+    total = 0.0
+    for h, y, kw in zip(inputs, targets, kwargs):
+        out = call(h, **kw)
+        total = total + F.mse_loss(out, y, reduction="sum") / (y - h).pow(2).sum().clamp_min(1e-12)
+    return total / len(inputs)
+
+
+def reconstruct(student: nn.Module, stats: LayerStats, spec: CalibrationSpec, log=None) -> dict[int, tuple[float, float]]:
+    """Train each unrolled position's per-depth parameters to reproduce its original layer; return
+    {position: (relative error before, after)}."""
+    unrolled = student.unrolled_layers
+    student.train(False)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    result = {}
+    for position in unrolled.positions:
+        layer = unrolled.shared[position.shared]
+        params = _position_parameters(layer)
+        d = position.depth
+        call = unrolled[position.position]
+        used = spec.reconstruct_batches
+        inputs, targets = stats.hidden_in[position.position][:used], stats.hidden_out[position.position][:used]
+        kwargs = stats.call_kwargs[position.position][:used]
+        slices = [p.detach()[d].clone() for p in params]
+        with torch.no_grad():
+            before = best = _position_loss(call, inputs, targets, kwargs).item()
+        if best > 1e-10:  # an exact start (full rank) is kept as it is
+            for p in params:
+                p.requires_grad_(True)
+            optimizer = torch.optim.Adam(params, lr=spec.reconstruct_lr)
+            for _ in range(spec.reconstruct_steps):
+                optimizer.zero_grad(set_to_none=True)
+                loss = _position_loss(call, inputs, targets, kwargs)
+                if loss.item() < best:  # the parameters that produced this loss are the best so far
+                    best, slices = loss.item(), [p.detach()[d].clone() for p in params]
+                loss.backward()
+                for p in params:  # only this depth's slice moves: the other depths belong to other positions
+                    mask = torch.zeros(p.shape[0], *([1] * (p.dim() - 1)))
+                    mask[d] = 1
+                    p.grad.mul_(mask)
+                optimizer.step()
+            with torch.no_grad():
+                final = _position_loss(call, inputs, targets, kwargs).item()
+                if final < best:
+                    best, slices = final, [p.detach()[d].clone() for p in params]
+                for p, kept in zip(params, slices):
+                    p.requires_grad_(False)
+                    p.data[d] = kept
+        result[position.position] = (before, best)
+        if log is not None:
+            log(f"reconstruct position {position.position}: relative error {before:.3e} -> {best:.3e}")
+    return result
+
+
+def original_stats(original: nn.Module, batches: torch.Tensor, spec: CalibrationSpec) -> LayerStats:
+    """The statistics of the original model (fp32, eval) that a calibrated conversion needs."""
+    from rrt_ray.models.arch import layers_path
+
+    layers = original.get_submodule(layers_path(original.config.model_type))
+    return collect_stats(original.eval(), layers, batches, spec.batch_size, keep_hidden=spec.reconstruct)
+
+
+def calibration_stats(src_path, spec: CalibrationSpec) -> LayerStats:
+    """Load the original model at src_path (fp32) and gather the statistics over spec.sequences sequences."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src_path)
+    batches = calibration_batches(tokenizer, spec)
+    original = AutoModelForCausalLM.from_pretrained(src_path, dtype=torch.float32)
+    return original_stats(original, batches, spec)
+
+
+def reconstruct_dir(model_dir, stats: LayerStats, spec: CalibrationSpec, dtype: torch.dtype, log=None) -> dict[int, tuple[float, float]]:
+    """Reconstruct the converted model in model_dir in place (fp32 arithmetic), saving it again in `dtype`."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    errors = reconstruct(student, stats, spec, log)
+    for old in list(model_dir.glob("*.safetensors")) + list(model_dir.glob("*.safetensors.index.json")):
+        old.unlink()
+    student.to(dtype).save_pretrained(model_dir)
+    return errors

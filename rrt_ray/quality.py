@@ -1,0 +1,177 @@
+"""The quality study on a real checkpoint (jobs/bench_quality.py): arms, the held-out yardstick, the table.
+
+Every arm is a real `convert_checkpoint` call on the teacher with its options, then held-out perplexity on
+the first `windows` 256-token windows of the default corpus's held-out split (the yardstick; the training
+split alone is used for calibration). Rows are appended to a JSON-lines file as each arm finishes, keyed by
+the arm's name and options, so an interrupted study resumes where it stopped and a finished arm is never
+rerun unless asked (`rerun`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SEQ_LEN = 256
+CALIBRATION = {"sequences": 32, "seq_len": SEQ_LEN}  # the DESIGN prototype's 32 x 256 training-split tokens
+RECONSTRUCTION = {**CALIBRATION, "reconstruct": True, "reconstruct_steps": 10}
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    group: str  # "conversion" (5a) or "reference"
+    options: dict = field(default_factory=dict)  # convert_checkpoint keywords; empty: the teacher itself
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps([self.name, self.options], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def conversion_arms() -> list[Arm]:
+    """Issue 11, 5a, in the order they are run (the cheapest informative arms first)."""
+    arms = [Arm("original", "reference")]
+    arms.append(Arm("avg-r64", "conversion", {"loops": 2, "init": "average", "lora_rank": 64}))
+    arms.append(Arm("avg-r64-calib", "conversion", {"loops": 2, "init": "average", "lora_rank": 64, "calibration": CALIBRATION}))
+    arms.append(Arm("avg-r64-calib-recon", "conversion", {"loops": 2, "init": "average", "lora_rank": 64, "calibration": RECONSTRUCTION}))
+    arms.append(Arm("avg-r128", "conversion", {"loops": 2, "init": "average", "lora_rank": 128}))
+    arms.append(Arm("avg-r128-calib", "conversion", {"loops": 2, "init": "average", "lora_rank": 128, "calibration": CALIBRATION}))
+    for init in ("stepwise", "lower"):
+        arms.append(Arm(f"{init}-r64", "conversion", {"loops": 2, "init": init, "lora_rank": 64}))
+    for init in ("stepwise", "average", "lower"):
+        arms.append(Arm(f"{init if init != 'average' else 'avg'}-r0", "conversion", {"loops": 2, "init": init, "lora_rank": 0}))
+    for init in ("stepwise", "lower"):
+        arms.append(Arm(f"{init}-r128", "conversion", {"loops": 2, "init": init, "lora_rank": 128}))
+    arms.append(Arm("avg-r64-3loops", "conversion", {"loops": 3, "init": "average", "lora_rank": 64}))
+    arms.append(Arm("avg-r64-zero", "conversion", {"loops": 2, "init": "average", "lora_rank": 64, "lora_init": "zero"}))
+    arms.append(Arm("avg-r128-calib-recon", "conversion", {"loops": 2, "init": "average", "lora_rank": 128, "calibration": RECONSTRUCTION}))
+    arms.append(Arm("avg-full", "conversion", {"loops": 2, "init": "average", "lora_rank": "full"}))
+    return arms
+
+
+def heldout_windows(tokenizer, windows: int, cache_dir: str = ".cache/tokens"):
+    """The yardstick's tokens: the default held-out split, of which the first `windows` windows are scored."""
+    from rrt_ray import data
+
+    tokens = data.tokenize_cached(data.load_texts("default", "heldout", None), tokenizer, cache_dir)
+    available = (len(tokens) - 1) // SEQ_LEN
+    if windows > available:
+        raise ValueError(f"--windows {windows}: the held-out split has {available} windows of {SEQ_LEN} tokens")
+    return tokens[: windows * SEQ_LEN + 1]
+
+
+@torch.no_grad()
+def window_perplexity(model_dir: str, tokens) -> float:
+    """Perplexity over every SEQ_LEN window of tokens, through the project's own eval loader and perplexity."""
+    from transformers import AutoModelForCausalLM
+
+    from rrt_ray import data
+    from rrt_ray.evaluation import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return perplexity(model, data.iter_eval_batches(tokens, SEQ_LEN, batch_size=4))
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_arm(arm: Arm, teacher: str, windows: torch.Tensor, workdir: Path) -> dict:
+    """Convert (unless the reference), evaluate, delete the converted weights; one table row."""
+    import psutil
+
+    from rrt_ray.convert import convert_checkpoint
+
+    started = time.perf_counter()
+    row = {"arm": arm.name, "group": arm.group, "key": arm.key, "options": arm.options}
+    if arm.options:
+        out = workdir / arm.name
+        report = convert_checkpoint(teacher, str(out), overwrite=True, progress=False, **arm.options)
+        row.update(params=report.params["total"], original_params=report.original_params, lora_ranks=report.lora_ranks)
+        model_dir = str(out)
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            row["params"] = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(teacher)).num_parameters()
+        model_dir, out = teacher, None
+    row["convert_s"] = round(time.perf_counter() - started, 1)
+    evaluated = time.perf_counter()
+    row["ppl"] = window_perplexity(model_dir, windows)
+    row["eval_s"] = round(time.perf_counter() - evaluated, 1)
+    row["windows"] = (len(windows) - 1) // SEQ_LEN
+    row["peak_rss_gb"] = round(psutil.Process().memory_info().rss / 2**30, 2)  # of the whole study process so far
+    if out is not None:
+        shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+COMPARISONS = (  # (what, baseline arm, arm): a finding is written only when both rows exist
+    ("activation-aware SVD + weighted init (a), rank 64", "avg-r64", "avg-r64-calib"),
+    ("layer-wise reconstruction on top of (a), rank 64", "avg-r64-calib", "avg-r64-calib-recon"),
+    ("activation-aware SVD + weighted init (a), rank 128", "avg-r128", "avg-r128-calib"),
+    ("layer-wise reconstruction on top of (a), rank 128", "avg-r128-calib", "avg-r128-calib-recon"),
+    ("rank 64 -> 128 (plain SVD, average)", "avg-r64", "avg-r128"),
+    ("average -> stepwise init, rank 64", "avg-r64", "stepwise-r64"),
+    ("SVD -> zero LoRA init, rank 64", "avg-r64", "avg-r64-zero"),
+    ("2 -> 3 loops, rank 64", "avg-r64", "avg-r64-3loops"),
+)
+NOT_BUILT = (
+    "5a middle_cycle arm: `--sharing middle_cycle` belongs to the registry engineer's item 4 (add the arm once it lands)",
+    "5b uptraining arms (same token budget each), 5c early-exit post-training, 5e tune sweep: not run on the shared 2-core machine",
+    "5d task accuracy: `rrt eval MODEL` exists (lm-eval, local next-line task); its numbers are not in this table yet",
+)
+
+
+def findings(rows: list[dict]) -> list[str]:
+    by_arm = {r["arm"]: r for r in rows}
+    lines = []
+    for what, base, arm in COMPARISONS:
+        if base in by_arm and arm in by_arm:
+            a, b = by_arm[base]["ppl"], by_arm[arm]["ppl"]
+            lines.append(f"- {what}: held-out ppl {a:.4g} -> {b:.4g} ({a / b:.3g}x {'lower' if b < a else 'higher'}).")
+    return lines
+
+
+def write_report(rows: list[dict], md_path: Path, plot_path: Path, command: str, machine: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    teacher = next((r for r in rows if r["arm"] == "original"), None)
+    lines = [
+        "# Quality study on SmolLM2-135M-Instruct (issue 11, item 5)", "",
+        f"Command: `{command}`", f"Machine: {machine}", "",
+        "Held-out perplexity on the first W 256-token windows of the default corpus's held-out split (W in the table);",
+        "calibration draws its sequences from the training split only. Rows come from `quality_smollm2.jsonl`.", "",
+        "| arm | options | params | of original | held-out ppl | convert s | eval s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        share = f"{r['params'] / teacher['params']:.1%}" if teacher else ""
+        options = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "the teacher itself"
+        lines.append(f"| {r['arm']} | {options} | {r['params']:,} | {share} | {r['ppl']:.4g} | {r['convert_s']} | {r['eval_s']} |")
+    lines += ["", "## Findings (computed from the rows above)", "", *findings(rows), "", "## Missing", ""]
+    done = {r["arm"] for r in rows}
+    lines += [f"- arm {a.name}: no row yet" for a in conversion_arms() if a.name not in done]
+    lines += [f"- {item}" for item in NOT_BUILT]
+    lines += ["", f"Complete the table (resumes, skips finished arms): `{command.split(' --arms')[0]}`"]
+    md_path.write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar([r["arm"] for r in rows], [r["ppl"] for r in rows], color=["gray" if r["group"] == "reference" else "tab:blue" for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.set_title("SmolLM2-135M: conversions before uptraining")
+    ax.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    fig.savefig(plot_path, dpi=110)
+    plt.close(fig)

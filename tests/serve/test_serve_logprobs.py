@@ -1,0 +1,93 @@
+"""logprobs, echo, n and the rrt fields over real HTTP (uvicorn on 127.0.0.1, no Ray), read by the official
+openai client where it matters: what lm-evaluation-harness's local-completions model needs."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+import torch
+from serve_helpers import load, save_word_tokenizer
+from test_serve_http import LocalServer
+
+PROMPT_IDS = [10, 11, 12, 13, 40, 7, 99]
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs):
+    save_word_tokenizer(model_dirs[3], chat=True)
+    s = LocalServer(model_dirs[3], max_n=4)
+    yield s
+    s.close()
+
+
+def post(server, path, body):
+    return requests.post(f"{server.url}{path}", json=body, timeout=60)
+
+
+def test_echo_prompt_logprobs_equal_a_plain_hf_forward(server, model_dirs):
+    """lm-eval's loglikelihood request: token ids, max_tokens 1, logprobs 1, echo true (and max_tokens 0)."""
+    with torch.no_grad():
+        logits = load(model_dirs[3])(torch.tensor([PROMPT_IDS])).logits[0].float()
+    expected = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(PROMPT_IDS[1:])[:, None])[:, 0]
+    for max_tokens in (1, 0):
+        r = post(server, "/v1/completions", {"prompt": [PROMPT_IDS], "max_tokens": max_tokens, "logprobs": 1, "echo": True, "temperature": 0})
+        assert r.status_code == 200, r.text
+        lp = r.json()["choices"][0]["logprobs"]
+        n = len(PROMPT_IDS)
+        assert len(lp["tokens"]) == n + max_tokens and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:n]), expected, rtol=0, atol=1e-4)
+        for top, chosen in zip(lp["top_logprobs"][1:], lp["token_logprobs"][1:]):
+            assert len(top) == 1 and max(top.values()) >= chosen - 1e-6
+        assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+
+
+def test_the_openai_client_reads_logprobs_and_n_choices(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    out = client.completions.create(model="tiny", prompt="w10 w11 w12", max_tokens=5, logprobs=3, temperature=1.0, seed=7, n=3, extra_body={"ignore_eos": True})
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    for c in out.choices:
+        lp = c.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) > 0
+        for top, chosen, token in zip(lp.top_logprobs, lp.token_logprobs, lp.tokens):
+            values = list(top.values())
+            assert len(values) == 3 and values == sorted(values, reverse=True)
+            if chosen >= values[-1]:
+                assert token in top
+    again = client.completions.create(model="tiny", prompt="w10 w11 w12", max_tokens=5, temperature=1.0, seed=7, n=3)
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]  # reproducible with a seed
+    assert len({c.text for c in out.choices}) > 1  # and independent
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "w10 w11"}], max_tokens=4, logprobs=True, top_logprobs=2, temperature=0)
+    content = chat.choices[0].logprobs.content
+    assert len(content) > 0 and all(len(c.top_logprobs) == 2 for c in content)
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob, abs=1e-6)  # greedy: the top one
+
+
+def test_speculative_mode_over_http_equals_full_depth(server):
+    body = {"prompt": "w10 w11 w12 w13", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    full = post(server, "/v1/completions", {**body, "exit_mode": "none"}).json()["choices"][0]
+    spec = post(server, "/v1/completions", {**body, "exit_mode": "speculative", "draft_tokens": 3}).json()["choices"][0]
+    assert spec["text"] == full["text"] and spec["drafted_tokens"] > 0
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/completions", {"logprobs": -1}, "logprobs"),
+    ("/v1/completions", {"logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"n": 0}, "n"),
+    ("/v1/completions", {"n": 5}, "n"),
+    ("/v1/completions", {"draft_tokens": 0}, "draft_tokens"),
+    ("/v1/completions", {"exit_mode": "sometimes"}, "exit_mode"),
+    ("/v1/completions", {"max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"echo": True, "logprobs": 1, "stream": True}, "echo"),
+    ("/v1/chat/completions", {"echo": True}, "echo"),
+    ("/v1/chat/completions", {"top_logprobs": 25, "logprobs": True}, "top_logprobs"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+])
+def test_bad_values_are_a_400_naming_the_field(server, path, body, field):
+    base = {"prompt": "w10 w11"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "w10"}]}
+    r = post(server, path, {**base, "max_tokens": 3, **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field and field in error["message"]
+    ok = post(server, "/v1/completions", {"prompt": "w10 w11", "max_tokens": 2})  # nothing else disturbed
+    assert ok.status_code == 200
