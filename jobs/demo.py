@@ -75,7 +75,7 @@ def pipeline(args, sizes, stages, head, work: Path) -> None:
     entry = (f"cd {REPO} && exec {sys.executable} jobs/uptrain.py --config jobs/configs/demo.yaml model.teacher={teacher} "
              f"model.student={cfg.model.student} run.output={work / 'uptrained'} run.name=uptrain-demo-{int(time.time())} "
              + " ".join([*paths, *steps]))
-    logs = stages.run("uptrain", lambda: stage_lib.submit_job(head.dashboard_url, entry, {"PYTHONPATH": str(REPO)}, log))
+    logs = stages.run("uptrain", lambda: stage_lib.submit_job(head.dashboard_url, entry, {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}, log))
     uptrain = stage_lib.job_summary(logs)
 
     tune_cfg = TuneConfig.load(str(CONFIGS / "tune_demo.yaml"), [
