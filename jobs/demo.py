@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 CONFIGS = REPO / "jobs" / "configs"
 # Seconds per stage, sized for 2 idle cores with the teacher cached (pretraining fresh: ~3 min more).
 BUDGETS = {"ray head": 45, "teacher": 240, "convert": 45, "uptrain": 200, "tune": 200, "early exit": 120, "evaluate": 45, "serve": 120}
-QUICK = {"steps": 4, "tune_tokens": 4096, "exit_steps": 4}
+QUICK = {"steps": 4, "tune_tokens": 8192, "exit_steps": 4}
 FULL = {"steps": None, "tune_tokens": 16384, "exit_steps": 30}
 
 
@@ -80,7 +80,7 @@ def pipeline(args, sizes, stages, head, work: Path) -> None:
 
     tune_cfg = TuneConfig.load(str(CONFIGS / "tune_demo.yaml"), [
         f"train.model.teacher={teacher}", "space.model.lora_rank=[8, 64]", "space.model.init=[average]",
-        f"budget.tokens={sizes['tune_tokens']}", "budget.milestones=2", "asha.enabled=false",
+        f"budget.tokens={sizes['tune_tokens']}", "budget.milestones=2", "asha.enabled=false", "train.optim.warmup_steps=1",
         f"sweep.storage={work / 'runs/tune'}", f"sweep.output={work / 'tune'}", f"sweep.name=tune-demo-{int(time.time())}"])
     tuned = stages.run("tune", lambda: sweep.run(tune_cfg, *sweep.plan_sweep(tune_cfg), log=log))
     best = tuned["best"]["model"] if tuned and tuned["best"] else None
