@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import sys
 
+from rrt_ray.convert.calibrate import CalibrationSpec
 from rrt_ray.convert.convert import DTYPES, ConvertSpec
 from rrt_ray.convert.init_strategies import INIT_STRATEGIES
 from rrt_ray.convert.lora_init import LORA_INITS
@@ -43,7 +44,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-scale", type=float, default=default["lora_scale"], help="h = W'x + scale * B A x (default: %(default)s)")
     p.add_argument("--share-non-lora", action="store_true", help="share norm weights and biases across depths (not exact)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=default["dtype"], help="storage dtype of the output (default: %(default)s)")
-    p.add_argument("--calibrate", type=int, default=0, metavar="N", help="activation-aware SVD and shared init from N training-split sequences (default 0: plain SVD)")
+    p.add_argument("--calibrate", type=int, default=CalibrationSpec().sequences, metavar="N", help="activation-aware SVD and shared init from N training-split sequences (default %(default)s: plain SVD)")
     p.add_argument("--reconstruct", action="store_true", help="with --calibrate: layer-wise reconstruction of each position's LoRA and norms")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -21,7 +21,7 @@ def server(model_dirs):
 
 
 def post(server, path, body):
-    return requests.post(f"{server.url}{path}", json=body, timeout=60)
+    return requests.post(f"{server.url}{path}", json=body, timeout=180)  # the first request warms the engine up
 
 
 def test_echo_prompt_logprobs_equal_a_plain_hf_forward(server, model_dirs):
