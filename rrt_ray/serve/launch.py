@@ -60,6 +60,9 @@ def owned_processes(owner: str) -> list:
         if proc.pid == os.getpid():
             continue
         try:
+            # A zombie has exited and holds nothing; this sandbox's init reaps orphans late.
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
             if proc.environ().get(OWNER_ENV) == owner:
                 found.append(proc)
         except (psutil.Error, OSError):  # gone, or another user's process
@@ -174,8 +177,12 @@ class ServeLauncher:
             stopper = threading.Thread(target=ray.shutdown, daemon=True)  # machine it can take long
             stopper.start()
             stopper.join(timeout=4.0)
-        kill_owned(self.owner, grace_s=1.5)  # what is left of ours (never another cluster's processes)
-        time.sleep(0.5)
-        kill_owned(self.owner, grace_s=1.0)  # anything a startup still under way spawned meanwhile
+        # What is left of ours (never another cluster's processes), swept until none is left: while the raylet
+        # or the Serve controller still lives it can start a replica or worker in the middle of a sweep.
+        deadline, grace = time.monotonic() + 5.0, 1.5
+        while owned_processes(self.owner) and time.monotonic() < deadline:
+            kill_owned(self.owner, grace_s=grace)
+            grace = 0.5
+            time.sleep(0.2)
         if self._temp_dir:
             shutil.rmtree(self._temp_dir, ignore_errors=True)

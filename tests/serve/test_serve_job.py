@@ -83,7 +83,9 @@ class ServeJob:
                 self.ready.set()
 
     def stop_and_check(self, sig: int = signal.SIGTERM) -> None:
-        """The signal, then: exit within 10 s and no process of its cluster left (the issue's bound)."""
+        """The signal, then: exit within 10 s (the issue's bound) and no process of its cluster left. A process
+        the launcher SIGKILLed can still be tearing down its memory as the job exits on a loaded machine,
+        so "left" is judged 5 s after the exit."""
         self.proc.send_signal(sig)
         try:
             self.proc.wait(timeout=10)
@@ -91,7 +93,9 @@ class ServeJob:
             self.proc.kill()
             pytest.fail("jobs/serve.py did not exit within 10 s of the signal:\n" + "".join(self.output[-30:]))
         finally:
-            left = owned_processes(self.owner)
+            deadline = time.monotonic() + 5.0
+            while (left := owned_processes(self.owner)) and time.monotonic() < deadline:
+                time.sleep(0.25)
             for proc in left:  # never leave them running, even when the test fails
                 proc.kill()
         assert left == [], [p.name() for p in left]
