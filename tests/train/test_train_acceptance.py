@@ -224,7 +224,7 @@ def local_token_set(ray_local, tiny_teacher, tmp_path_factory) -> str:
     return str(root / "tokens")
 
 
-@pytest.mark.parametrize("source", ["text", "token_set"])
+@pytest.mark.parametrize("source", ["text", pytest.param("token_set", marks=pytest.mark.heavy)])  # token_set: not yet run here
 def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_local, make_config, weights, request, source):
     from rrt_ray.train.trainer import fit
 
