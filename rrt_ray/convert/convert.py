@@ -34,6 +34,7 @@ from rrt_ray.convert.init_strategies import INIT_STRATEGIES, init_source_layers
 from rrt_ray.convert.calibrate import CalibrationSpec, LayerStats, activation_weighted_mean, calibration_stats, reconstruct_dir
 from rrt_ray.convert.gguf_import import resolve_model_path
 from rrt_ray.convert.lora_init import LORA_INITS, LoRAInitInput
+from rrt_ray.convert.output import DTYPES, check_out
 from rrt_ray.convert.source import SourceCheckpoint, checkpoint_renames, resolve_source
 from rrt_ray.models.arch import ARCHITECTURES, arch_spec, check_supported, layers_path, resolve_projections
 from rrt_ray.models.config import RecursiveConfig
@@ -42,7 +43,6 @@ from rrt_ray.models.lora import RelaxedLoRALinear
 from rrt_ray.models.per_depth import PerDepth
 from rrt_ray.models.recursive import RecursiveForCausalLM
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Files copied verbatim from SRC so that the output is a complete Hugging Face directory.
 COPIED_FILES = (
     "tokenizer.json",
@@ -135,20 +135,6 @@ class ConvertReport:
         return "\n".join(lines)
 
 
-def _check_out(out: str, overwrite: bool) -> Path:
-    path = Path(out).expanduser().resolve()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"OUT {out!r} is a file; give a directory path")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ValueError(f"OUT {out!r} exists and is not empty; pass --overwrite to replace it")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"OUT {out!r} is not writable ({parent} is a file, not a directory)")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"OUT {out!r} is not writable (no write permission on {parent})")
-    return path
 
 
 def _projection_shapes(original: torch.nn.Module, model_type: str) -> dict[str, tuple[int, int]]:
@@ -346,7 +332,7 @@ def _convert_remote(src: str, out: str, spec: ConvertSpec, overwrite: bool, prog
 def _convert_local(
     src: str, out: str, spec: ConvertSpec, overwrite: bool, progress: bool, source_name: str | None = None
 ) -> ConvertReport:
-    out_path = _check_out(out, overwrite)
+    out_path = check_out(out, overwrite)
     src_path = resolve_source(resolve_model_path(src))  # a .gguf SRC is imported once, cached by content
     plan = plan_conversion(AutoConfig.from_pretrained(src_path), spec)
     skeleton, original, ranks = plan.skeleton, plan.original, plan.lora_ranks

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
+from rrt_ray.convert.output import DTYPES, check_out
+
 GGUF_SUFFIX = ".gguf"
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CACHE_ENV = "RRT_CACHE_DIR"  # where GGUF sources are imported once, keyed by their content
 _HASH_CHUNK = 1 << 22
 
@@ -129,15 +130,6 @@ def _load_plain_model(path: Path, config) -> torch.nn.Module:
     return plain.eval()
 
 
-def _check_out(out: str, overwrite: bool) -> Path:
-    path = Path(out).expanduser().resolve()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"OUT {out!r} is a file; give a directory path")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ValueError(f"OUT {out!r} exists and is not empty; pass --overwrite to replace it")
-    return path
-
-
 def import_gguf(src: str, out: str, *, dtype: str = "float32", overwrite: bool = False) -> ImportReport:
     """Write the GGUF model at SRC as a plain Hugging Face directory at OUT (safetensors in `dtype`)."""
     from transformers import AutoTokenizer
@@ -147,7 +139,7 @@ def import_gguf(src: str, out: str, *, dtype: str = "float32", overwrite: bool =
     path = Path(src).expanduser()
     if not path.is_file():
         raise ValueError(f"SRC {src!r} is not a file (expected a .gguf file)")
-    out_path = _check_out(out, overwrite)
+    out_path = check_out(out, overwrite)
     arch, types = _read_header(path)
     config = gguf_config(path)
     model = _load_plain_model(path, config)

@@ -1,0 +1,28 @@
+"""What `rrt convert` and `rrt import` share about their output: the storage dtypes and the OUT check."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+# Storage dtypes of a written model (`--dtype`); CPUs here compute in fp32, bf16 is for storage and GPUs.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_out(out: str, overwrite: bool) -> Path:
+    """OUT resolved, or a ValueError naming it: not a file, empty unless overwrite, and writable."""
+    path = Path(out).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"OUT {out!r} is a file; give a directory path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(f"OUT {out!r} exists and is not empty; pass --overwrite to replace it")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"OUT {out!r} is not writable ({parent} is a file, not a directory)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"OUT {out!r} is not writable (no write permission on {parent})")
+    return path
