@@ -58,7 +58,8 @@ def test_sigint_mid_demo_stops_everything_it_started(tmp_path):
         temp_dir = _read_until(proc, r"temp dir (\S+)", 240, seen).group(1)
         _read_until(proc, r"\[demo\] == teacher", 120, seen)
         time.sleep(20)  # into the stage: the pretraining run's workers are starting or running
-        assert proc.poll() is None, "".join(seen[-40:])
+        if proc.poll() is not None:  # it died on its own: show why (the rest of its output is still in the pipe)
+            raise AssertionError(f"the demo exited {proc.returncode} before the SIGINT:\n" + "".join(seen[-40:]) + proc.stdout.read()[-6000:])
         assert len(_ours(owner, temp_dir)) >= 3, "the demo's Ray head should be running"
         proc.send_signal(signal.SIGINT)
         sent = time.monotonic()

@@ -87,7 +87,7 @@ class EventLog:
         self.writer, self.remote = None, None
         if rank != 0:
             return
-        from tensorboardX import SummaryWriter
+        from tensorboardX.event_file_writer import EventsWriter
 
         run_dir = storage.join(storage_root, name, EVENTS_DIR)
         if storage.is_remote(run_dir):
@@ -96,20 +96,34 @@ class EventLog:
             local = Path(run_dir).expanduser()
         local.mkdir(parents=True, exist_ok=True)
         self.local = local
-        self.writer = SummaryWriter(logdir=str(local), flush_secs=3600)
+        # The synchronous writer under SummaryWriter: SummaryWriter queues events to a thread, and its flush()
+        # does not wait for the queue, so an upload right after it missed the newest report.
+        self.writer = EventsWriter(str(local / "events"))
 
     def write(self, metrics: dict[str, Any]) -> None:
         if self.writer is None:
             return
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
         for key in EVENT_SCALARS:
             if metrics.get(key) is not None:
-                self.writer.add_scalar(f"train/{key}", float(metrics[key]), metrics["step"])
+                summary = scalar(f"train/{key}", float(metrics[key]))
+                self.writer.write_event(Event(wall_time=time.time(), step=metrics["step"], summary=summary))
         self.writer.flush()
         if self.remote is not None:
-            from rrt_ray import storage
+            self.upload()
 
+    def upload(self) -> None:
+        """Copy the local event files to the bucket. A failed upload warns and is retried at the next report:
+        the curves are not worth a run, and the checkpoint upload right after reports an outage properly."""
+        from rrt_ray import storage
+
+        try:
             for path in self.local.iterdir():
                 storage.write_bytes(storage.join(self.remote, path.name), path.read_bytes())
+        except storage.StorageError as error:
+            print(f"warning: TensorBoard events not uploaded to {self.remote} (retried at the next report): {error}", flush=True)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -50,3 +50,23 @@ def test_log_line_has_throughput_and_time_left():
     line = log_line("demo", metrics, stop_at=100)
     assert line.startswith("demo: step 2/100 | loss 2.0000 | ce 3.0000 | kd 1.0000") and "tokens/s" in line and " left" in line
     assert format_duration(75) == "1m15s" and format_duration(7300) == "2h01m"
+
+
+def test_event_upload_outage_warns_and_catches_up(tmp_path, s3_server, monkeypatch, capsys):
+    """The curves are not worth a run: with S3 down an event upload warns (the checkpoint upload right after
+    is what fails the run, with its own message) and the next report after the outage uploads everything."""
+    from rrt_ray.demo import free_port
+
+    events = EventLog(s3_server.uri("runs"), "demo", str(tmp_path / "work"), rank=0)
+    events.write({"step": 1, "loss": 2.0})
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    events.write({"step": 2, "loss": 1.5})
+    assert "TensorBoard events not uploaded" in capsys.readouterr().out
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    events.write({"step": 3, "loss": 1.0})
+    events.close()
+    local = tmp_path / "bucket"
+    for item in s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix="runs/demo/tensorboard/")["Contents"]:
+        (local / Path(item["Key"]).name).parent.mkdir(parents=True, exist_ok=True)
+        s3_server.client().download_file(s3_server.bucket, item["Key"], str(local / Path(item["Key"]).name))
+    assert [step for step, _ in _read_scalars(local)["train/loss"]] == [1, 2, 3]
