@@ -33,6 +33,16 @@ import torch.nn.functional as F
 from rrt_ray.convert.svd import truncated_svd
 
 
+# Whose activations fit each unrolled position's LoRA (the shared W' always uses the original's moments):
+CALIBRATION_INPUTS = {
+    "original": "the original model's layer inputs (one forward of the original; positions independent)",
+    "recursive": "the recursive model's own inputs at that position, positions fitted in order (GPTQ's sequential "
+    "scheme): min ||(W_l - W' - BA) X_s||",
+    "recursive_corrected": "as recursive, but the target is the original layer's output on the original's own "
+    "inputs, so each position also absorbs the error of the positions before it: min ||W_l X_t - (W' + BA) X_s||",
+}
+
+
 @dataclass
 class CalibrationSpec:
     """How `rrt convert --calibrate N` calibrates. Validated before any weight is read.
@@ -49,6 +59,8 @@ class CalibrationSpec:
     seq_len: int = 256
     data: str = "default"
     damping: float = 0.01
+    inputs: str = "original"  # CALIBRATION_INPUTS: whose activations each position's LoRA is fitted on
+    weighted_shared: bool = True  # W' = activation-weighted mean of its layers (False: the init strategy's plain mean)
     reconstruct: bool = False
     reconstruct_steps: int = 40
     reconstruct_lr: float = 1e-3
@@ -65,6 +77,7 @@ class CalibrationSpec:
             (self.reconstruct_lr > 0, f"reconstruct lr must be > 0, got {self.reconstruct_lr}"),
             (self.batch_size >= 1, f"calibration batch_size must be >= 1, got {self.batch_size}"),
             (self.reconstruct_batches >= 1, f"reconstruct batches must be >= 1, got {self.reconstruct_batches}"),
+            (self.inputs in CALIBRATION_INPUTS, f"unknown calibration inputs {self.inputs!r}; allowed: {', '.join(CALIBRATION_INPUTS)}"),
             (not self.reconstruct or self.sequences > 0, "--reconstruct needs --calibrate N with N > 0 calibration sequences"),
         ]
         for ok, message in checks:
@@ -295,12 +308,103 @@ def reconstruct(student: nn.Module, stats: LayerStats, spec: CalibrationSpec, lo
     return result
 
 
+# ---------------------------------------------------------------- sequential calibration (the recursive model's own inputs)
+
+
+def _input_groups(stats: LayerStats, layer: int) -> list[list[str]]:
+    """The projections of one original layer grouped by the tensor they read, in forward order
+    ([[q, k, v], [o], [gate, up], [down]] for Llama): a group's input depends only on groups before it."""
+    groups: dict[int, list[str]] = {}
+    for (index, rel), moment in stats.moments.items():  # insertion order == hook order == forward order
+        if index == layer:
+            groups.setdefault(id(moment), []).append(rel)
+    return list(groups.values())
+
+
+def _capture(module: nn.Module, sink: list[torch.Tensor]):
+    def hook(mod, args, output) -> None:
+        sink.append(args[0].detach().reshape(-1, args[0].shape[-1]).float())  # (n, d_in)
+
+    return module.register_forward_hook(hook)
+
+
+def _run_capturing(call, module: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    """Run call over the batches and return what `module` read in each, (n, d_in) per batch."""
+    sink: list[torch.Tensor] = []
+    handle = _capture(module, sink)
+    try:
+        for h, kw in zip(inputs, kwargs):
+            call(h, **kw)
+    finally:
+        handle.remove()
+    return sink
+
+
+def corrected_residual(original: torch.Tensor, shared: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, damping: float) -> torch.Tensor:
+    """M0 = argmin_M ||W_l X_t - (W' + M) X_s||^2 + lam ||W' + M - W_l||^2 = W_l (H + lam I)(G + lam I)^{-1} - W'.
+
+    gram G = X_s^T X_s / n, cross H = X_t^T X_s / n, both (d_in, d_in); lam as in `damped_cholesky`, so that
+    truncating M0 in the damped G norm is the rank-r optimum of the same objective. The lam ||.-W_l|| term
+    makes it exact when the recursive model already reproduces the original (X_s = X_t: M0 = W_l - W').
+    """
+    g, h = gram.double(), cross.double()
+    lam = damping * g.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(g.shape[0], dtype=g.dtype)
+    rhs = original.double() @ (h + lam * eye)  # (d_out, d_in)
+    return (torch.linalg.solve(g + lam * eye, rhs.mT).mT - shared.double()).float()  # G symmetric
+
+
+def _refit_group(shared_layer: nn.Module, original_layer: nn.Module, group: list[str], depth: int, student_x, teacher_x, spec: CalibrationSpec) -> None:
+    """Refit the depth's LoRA of every projection in one input group from the recursive model's inputs."""
+    n = sum(x.shape[0] for x in student_x)
+    gram = sum(x.double().mT @ x.double() for x in student_x) / n  # (d_in, d_in)
+    cross = None
+    if spec.inputs == "recursive_corrected":
+        cross = sum(t.double().mT @ x.double() for t, x in zip(teacher_x, student_x)) / n  # (d_in, d_in)
+    for rel in group:
+        module = shared_layer.get_submodule(rel)
+        if module.rank == 0:
+            continue
+        w_l, w_shared = original_layer.get_submodule(rel).weight.detach(), module.weight.detach()
+        residual = w_l - w_shared if cross is None else corrected_residual(w_l, w_shared, gram, cross, spec.damping)
+        us, vh = whitened_truncated_svd(residual, gram, module.rank, damping=spec.damping, seed=depth)
+        module.lora_a.data[depth] = vh
+        module.lora_b.data[depth] = us / module.scale
+
+
+@torch.no_grad()
+def sequential_refit(student: nn.Module, original: nn.Module, stats: LayerStats, spec: CalibrationSpec, log=None) -> None:
+    """Refit every position's LoRA, in execution order, on the activations the recursive model itself
+    produces there (with the positions before it already refitted), as GPTQ quantises layer by layer on the
+    quantised model's own inputs. Within a position the input groups go in forward order, so the o
+    projection sees the refitted q/k/v. Needs stats with hidden states (the original's, for the targets)."""
+    from rrt_ray.models.arch import layers_path
+
+    unrolled = student.unrolled_layers
+    originals = original.get_submodule(layers_path(original.config.model_type))
+    hidden = list(stats.hidden_in[0])  # the embeddings: the same in both models, (b, L, d) per batch
+    for position in unrolled.positions:
+        index, depth = position.position, position.depth
+        call, kwargs = unrolled[index], stats.call_kwargs[index]
+        shared_layer = unrolled.shared[position.shared]
+        for group in _input_groups(stats, index):
+            teacher_x = None
+            if spec.inputs == "recursive_corrected":
+                teacher_x = _run_capturing(originals[index], originals[index].get_submodule(group[0]), stats.hidden_in[index], kwargs)
+            student_x = _run_capturing(call, shared_layer.get_submodule(group[0]), hidden, kwargs)
+            _refit_group(shared_layer, originals[index], group, depth, student_x, teacher_x, spec)
+        hidden = [call(h, **kw) for h, kw in zip(hidden, kwargs)]
+        if log is not None:
+            err = sum((h - y).pow(2).sum() for h, y in zip(hidden, stats.hidden_out[index])) / sum(y.pow(2).sum() for y in stats.hidden_out[index])
+            log(f"sequential position {index}: relative hidden-state error {err.item():.3e}")
+
+
 def original_stats(original: nn.Module, batches: torch.Tensor, spec: CalibrationSpec) -> LayerStats:
     """The statistics of the original model (fp32, eval) that a calibrated conversion needs."""
     from rrt_ray.models.arch import layers_path
 
     layers = original.get_submodule(layers_path(original.config.model_type))
-    return collect_stats(original.eval(), layers, batches, spec.batch_size, keep_hidden=spec.reconstruct)
+    return collect_stats(original.eval(), layers, batches, spec.batch_size, keep_hidden=spec.reconstruct or spec.inputs != "original")
 
 
 def calibration_stats(src_path, spec: CalibrationSpec) -> LayerStats:
@@ -313,15 +417,21 @@ def calibration_stats(src_path, spec: CalibrationSpec) -> LayerStats:
     return original_stats(original, batches, spec)
 
 
-def reconstruct_dir(model_dir, stats: LayerStats, spec: CalibrationSpec, dtype: torch.dtype, log=None) -> dict[int, tuple[float, float]]:
-    """Reconstruct the converted model in model_dir in place (fp32 arithmetic), saving it again in `dtype`."""
+def calibrate_dir(model_dir, src_path, stats: LayerStats, spec: CalibrationSpec, dtype: torch.dtype, log=None) -> dict[int, tuple[float, float]]:
+    """The calibration steps that need the converted model itself, in place in model_dir (fp32 arithmetic),
+    saved again in `dtype`: the sequential refit (spec.inputs != "original"), then layer-wise reconstruction.
+    Returns reconstruct's {position: (error before, after)} (empty without it)."""
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
-    student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    errors = reconstruct(student, stats, spec, log)
+    student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if spec.inputs != "original":
+        original = AutoModelForCausalLM.from_pretrained(src_path, dtype=torch.float32).eval()
+        sequential_refit(student, original, stats, spec, log)
+        del original
+    errors = reconstruct(student, stats, spec, log) if spec.reconstruct else {}
     for old in list(model_dir.glob("*.safetensors")) + list(model_dir.glob("*.safetensors.index.json")):
         old.unlink()
     student.to(dtype).save_pretrained(model_dir)

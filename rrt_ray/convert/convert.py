@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
 from rrt_ray import storage
 from rrt_ray.convert.init_strategies import INIT_STRATEGIES, init_source_layers
-from rrt_ray.convert.calibrate import CalibrationSpec, LayerStats, activation_weighted_mean, calibration_stats, reconstruct_dir
+from rrt_ray.convert.calibrate import CalibrationSpec, LayerStats, activation_weighted_mean, calibrate_dir, calibration_stats
 from rrt_ray.convert.gguf_import import resolve_model_path
 from rrt_ray.convert.lora_init import LORA_INITS, LoRAInitInput
 from rrt_ray.convert.output import DTYPES, check_out
@@ -234,7 +234,7 @@ class _LayerGroupConverter:
         return torch.stack([self.source.get(f"{self.prefix}.{layer}.{rel}") for layer in self.tied[k]])
 
     def _shared_weight(self, k: int, rel: str) -> torch.Tensor:  # W'_k: (d_out, d_in)
-        if self.stats is None:
+        if self.stats is None or not self.spec.calibration.weighted_shared:
             return self._mean(self.init_from[k], f"{rel}.weight")
         layers = self.init_from[k]
         weights = [self.source.get(f"{self.prefix}.{layer}.{rel}.weight") for layer in layers]
@@ -348,8 +348,8 @@ def _convert_local(
         for name in COPIED_FILES:
             if (src_path / name).is_file():
                 shutil.copy2(src_path / name, tmp / name)
-        if spec.calibration.reconstruct:
-            reconstruct_dir(tmp, stats, spec.calibration, DTYPES[spec.dtype])
+        if spec.calibration.reconstruct or spec.calibration.inputs != "original":
+            calibrate_dir(tmp, src_path, stats, spec.calibration, DTYPES[spec.dtype])
 
     _write_atomically(out_path, write)
     return ConvertReport(str(out_path), skeleton.parameter_counts(), original.num_parameters(), 0.0, ranks)
