@@ -158,3 +158,74 @@ def test_reconstruct_without_calibrate_exits_2(tiny_src, tmp_path, capsys):
     assert main(["convert", str(tiny_src[0]), str(tmp_path / "out"), "--loops", "2", "--reconstruct", "--quiet"]) == 2
     assert "--reconstruct needs --calibrate N" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_corrected_residual_is_the_least_squares_optimum_and_its_truncation_beats_the_other_targets():
+    """M0 solves min ||W_l X_t - (W' + M) X_s||; truncating it in the X_s norm beats truncating W_l - W'
+    (the sequential fit without correction) and the original-input fit on that objective."""
+    from rrt_ray.convert.calibrate import corrected_residual
+
+    g = torch.Generator().manual_seed(4)
+    n, d_in, d_out, rank = 400, 24, 16, 3
+    x_t = torch.randn(n, d_in, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, d_in, dtype=torch.float64)
+    # the recursive model's inputs drift by a rank-1 map, and W' differs from W_l by rank 1: a rank-3 LoRA
+    # can undo both (the corrected target W_l T^-1 - W' has rank <= 2), the uncorrected one only the latter
+    drift = torch.eye(d_in, dtype=torch.float64) + 0.5 * torch.randn(d_in, 1, generator=g, dtype=torch.float64) @ torch.randn(1, d_in, generator=g, dtype=torch.float64) / d_in**0.5
+    x_s = x_t @ drift.mT + 0.01 * torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    w_l = torch.randn(d_out, d_in, generator=g)
+    w_shared = w_l - torch.randn(d_out, 1, generator=g) @ torch.randn(1, d_in, generator=g)
+    gram, cross = (x_s.mT @ x_s / n).float(), (x_t.mT @ x_s / n).float()
+    m0 = corrected_residual(w_l, w_shared, gram, cross, damping=0.0)
+    lstsq = torch.linalg.lstsq(x_s, x_t @ w_l.double().mT).solution.mT - w_shared.double()  # (d_out, d_in)
+    torch.testing.assert_close(m0.double(), lstsq, rtol=1e-4, atol=1e-4)
+
+    def cost(b, a):
+        return torch.linalg.matrix_norm(x_t @ w_l.double().mT - x_s @ (w_shared.double() + b.double() @ a.double()).mT).item()
+
+    corrected = cost(*whitened_truncated_svd(m0, gram, rank, damping=0.0))
+    uncorrected = cost(*whitened_truncated_svd(w_l - w_shared, gram, rank, damping=0.0))
+    teacher_inputs = cost(*whitened_truncated_svd(w_l - w_shared, (x_t.mT @ x_t / n).float(), rank, damping=0.0))
+    assert corrected <= min(uncorrected, teacher_inputs) * (1 + 1e-6)
+    assert corrected < 0.1 * uncorrected  # the correction matters for drifted inputs
+    # no drift: the target is the plain residual again, with or without damping (exact at full rank)
+    same = corrected_residual(w_l, w_shared, gram, gram, damping=0.01)
+    torch.testing.assert_close(same, w_l - w_shared, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("inputs", ["recursive", "recursive_corrected"])
+def test_sequential_calibration_is_exact_at_full_rank_and_refits_at_low_rank(tiny_src, tmp_path, inputs):
+    import sysconfig
+
+    from safetensors.torch import load_file
+
+    from rrt_ray.convert import convert_checkpoint
+
+    src, original = tiny_src
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, path in enumerate(sorted((Path(sysconfig.get_paths()["stdlib"]) / "json").glob("*.py"))):
+        (corpus / f"doc{i}.txt").write_text(path.read_text())
+    calibration = {"sequences": 4, "seq_len": 32, "data": str(corpus)}
+    ids = torch.randint(0, TOKENIZER_VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = original(ids).logits
+    convert_checkpoint(str(src), str(tmp_path / "full"), loops=2, lora_rank="full", calibration={**calibration, "inputs": inputs}, progress=False)
+    assert (_logits(tmp_path / "full", ids) - reference).abs().max().item() < 1e-4
+
+    def lora(name):  # every depth's LoRA B of every layer, {tensor name: (B, d_out, r)}
+        tensors = {}
+        for f in sorted((tmp_path / name).glob("*.safetensors")):
+            tensors.update({k: v for k, v in load_file(f).items() if k.endswith("lora_b")})
+        return tensors
+
+    convert_checkpoint(str(src), str(tmp_path / "plain"), loops=2, lora_rank=2, calibration=calibration, progress=False)
+    convert_checkpoint(str(src), str(tmp_path / "seq"), loops=2, lora_rank=2, calibration={**calibration, "inputs": inputs}, progress=False)
+    plain, seq = lora("plain"), lora("seq")
+    assert plain.keys() == seq.keys() and len(plain) == 2 * 7
+    # the second loop's inputs have drifted from the original's, so its LoRA is refitted
+    assert any(not torch.allclose(seq[n][1], plain[n][1], atol=1e-4) for n in plain)
+
+
+def test_unknown_calibration_inputs_name_the_allowed_ones():
+    with pytest.raises(ValueError, match="unknown calibration inputs 'teacher'; allowed: original, recursive, recursive_corrected"):
+        CalibrationSpec(sequences=4, inputs="teacher")
