@@ -17,7 +17,7 @@ import argparse
 import dataclasses
 import sys
 
-from rrt_ray.convert.calibrate import CalibrationSpec
+from rrt_ray.convert.calibrate import CALIBRATION_INPUTS, CalibrationSpec
 from rrt_ray.convert.convert import DTYPES, ConvertSpec
 from rrt_ray.convert.init_strategies import INIT_STRATEGIES
 from rrt_ray.convert.lora_init import LORA_INITS
@@ -45,6 +45,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--share-non-lora", action="store_true", help="share norm weights and biases across depths (not exact)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=default["dtype"], help="storage dtype of the output (default: %(default)s)")
     p.add_argument("--calibrate", type=int, default=CalibrationSpec().sequences, metavar="N", help="activation-aware SVD and shared init from N training-split sequences (default %(default)s: plain SVD)")
+    p.add_argument("--calibrate-inputs", choices=tuple(CALIBRATION_INPUTS), default=CalibrationSpec().inputs, help="with --calibrate: whose activations fit each position's LoRA: " + "; ".join(f"{k}: {v}" for k, v in CALIBRATION_INPUTS.items()) + " (default: %(default)s)")
     p.add_argument("--reconstruct", action="store_true", help="with --calibrate: layer-wise reconstruction of each position's LoRA and norms")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -66,7 +67,7 @@ def _run_convert(args: argparse.Namespace) -> None:
         lora_scale=args.lora_scale,
         share_non_lora=args.share_non_lora,
         dtype=args.dtype,
-        calibration={"sequences": args.calibrate, "reconstruct": args.reconstruct},
+        calibration={"sequences": args.calibrate, "inputs": args.calibrate_inputs, "reconstruct": args.reconstruct},
         overwrite=args.overwrite,
         progress=not args.quiet,
     )

