@@ -52,7 +52,7 @@ def _memoized_stats():
     compute = calibrate.calibration_stats
 
     def stats(src_path, spec):
-        keep = spec.reconstruct or spec.inputs != "original"
+        keep = spec.reconstruct or spec.sequential
         key = (str(src_path), spec.sequences, spec.seq_len, spec.data, spec.seed, spec.batch_size, keep)
         if key not in cache:
             cache.clear()  # one draw at a time: the hidden states of 32 x 256 tokens are ~1 GB

@@ -100,6 +100,11 @@ class CalibrationSpec:
     def enabled(self) -> bool:
         return self.sequences > 0
 
+    @property
+    def sequential(self) -> bool:
+        """Positions fitted in order on the recursive model's own inputs (needs the converted model itself)."""
+        return self.enabled and self.inputs != "original"
+
 
 # ---------------------------------------------------------------- the linear algebra
 
@@ -416,7 +421,7 @@ def original_stats(original: nn.Module, batches: torch.Tensor, spec: Calibration
     from rrt_ray.models.arch import layers_path
 
     layers = original.get_submodule(layers_path(original.config.model_type))
-    return collect_stats(original.eval(), layers, batches, spec.batch_size, keep_hidden=spec.reconstruct or spec.inputs != "original")
+    return collect_stats(original.eval(), layers, batches, spec.batch_size, keep_hidden=spec.reconstruct or spec.sequential)
 
 
 def calibration_stats(src_path, spec: CalibrationSpec) -> LayerStats:
@@ -439,7 +444,7 @@ def calibrate_dir(model_dir, src_path, stats: LayerStats, spec: CalibrationSpec,
 
     model_dir = Path(model_dir)
     student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if spec.inputs != "original":
+    if spec.sequential:
         original = AutoModelForCausalLM.from_pretrained(src_path, dtype=torch.float32).eval()
         sequential_refit(student, original, stats, spec, log)
         del original

@@ -348,7 +348,7 @@ def _convert_local(
         for name in COPIED_FILES:
             if (src_path / name).is_file():
                 shutil.copy2(src_path / name, tmp / name)
-        if spec.calibration.reconstruct or spec.calibration.inputs != "original":
+        if spec.calibration.reconstruct or spec.calibration.sequential:
             calibrate_dir(tmp, src_path, stats, spec.calibration, DTYPES[spec.dtype])
 
     _write_atomically(out_path, write)
