@@ -107,6 +107,30 @@ def test_the_openai_client_reads_logprobs_and_n_choices(server):
     assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob, abs=1e-6)  # greedy: the top one
 
 
+def test_streamed_logprobs_concatenate_to_the_non_streamed_ones(server):
+    """Each chunk carries its new tokens' log-probs (legacy format, text offsets running on across chunks;
+    chat's content list); over a stream they add up to the non-streamed answer, choice by choice."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=180)
+    body = dict(model="tiny", prompt="w10 w11 w12", max_tokens=6, logprobs=2, temperature=1.0, seed=3, n=2, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**body)
+    parts = {i: {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for i in range(2)}
+    chunks = 0
+    for chunk in client.completions.create(**body, stream=True):
+        for c in chunk.choices:
+            if c.logprobs is not None:
+                chunks += 1
+                for key, values in parts[c.index].items():
+                    values += getattr(c.logprobs, key)
+    assert chunks >= 2 * 6 // 2  # streamed piece by piece, not in one final chunk
+    for c in whole.choices:
+        assert parts[c.index] == {key: getattr(c.logprobs, key) for key in parts[c.index]}
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "w10 w11"}], max_tokens=5, logprobs=True, top_logprobs=2, temperature=0)
+    whole_chat = client.chat.completions.create(**chat).choices[0].logprobs.content
+    streamed = [e for chunk in client.chat.completions.create(**chat, stream=True) for c in chunk.choices if c.logprobs for e in c.logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in whole_chat] and len(streamed) > 0
+
+
 def test_speculative_mode_over_http_equals_full_depth(server):
     body = {"prompt": "w10 w11 w12 w13", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
     full = post(server, "/v1/completions", {**body, "exit_mode": "none"}).json()["choices"][0]
