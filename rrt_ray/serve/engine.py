@@ -379,7 +379,7 @@ class Engine:
             self.runner.slot_table, spans, distinct_loops=sorted(set(loops)),
         )
 
-    @torch.no_grad()  # not inference_mode: multi_lora caches checks by tensor version
+    @torch.inference_mode()  # no autograd bookkeeping per op (TensorMemo handles inference tensors)
     def step(self) -> list[RequestOutput]:
         """Run one loop of the block over every token in flight; exit, draft, verify, sample, refill."""
         outputs, self._finished_outputs = self._finished_outputs, []
