@@ -262,7 +262,8 @@ class CompletionAPI:
             raise APIError(400, f"prompt: {len(prompts)} prompts in one request; the limit is {limit}", param="prompt")
         ids = [self.encode(p) for p in prompts]
         params = self.sampling(req)
-        self.check_choices(req, len(ids), streamed=("echo", "logprobs") if req.echo or req.logprobs is not None else ())
+        # echo is answered whole (the prompt's scores come at once, and lm-eval never streams): refused streamed
+        self.check_choices(req, len(ids), streamed=("echo",) if req.echo else ())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         generations = [Generation(i, p) for i in ids for p in self.choices(params, req.n)]
         call = _Call(generations, req.stream, include_usage, False, outcome, echo=req.echo, logprobs=req.logprobs is not None)
@@ -298,7 +299,7 @@ class CompletionAPI:
             raise APIError(400, f"messages: the chat template rejected them: {err}", param="messages") from None
         ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
         params = self.sampling(req)
-        self.check_choices(req, 1, streamed=("logprobs",) if req.logprobs else ())
+        self.check_choices(req, 1, streamed=())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         prompt = self.encode(list(ids), "messages")
         generations = [Generation(prompt, p) for p in self.choices(params, req.n)]
@@ -367,9 +368,22 @@ class CompletionAPI:
             logprobs = protocol.completion_logprobs(self.tokenizer, ids, lps, tops)
         return protocol.choice(index, text, out.finish_reason, out.exit_loops, call.chat, logprobs=logprobs, extra=extra)
 
+    def chunk_logprobs(self, out, call: _Call, offsets: list[int], index: int) -> dict:
+        """The log-probs of a chunk's new tokens, in the format of the non-streamed choice (their concatenation
+        over a stream is the non-streamed answer); advances the choice's text offset."""
+        n = len(out.new_token_ids)
+        lps = out.logprobs[-n:]
+        tops = out.top_logprobs[-n:] if out.top_logprobs else [{}] * n
+        if call.chat:
+            return protocol.chat_logprobs(self.tokenizer, out.new_token_ids, lps, tops)
+        body = protocol.completion_logprobs(self.tokenizer, out.new_token_ids, lps, tops, offset=offsets[index])
+        offsets[index] = body["text_offset"][-1] + len(body["tokens"][-1])
+        return body
+
     async def sse(self, streams: list[OutputStream], request_id: str, call: _Call) -> AsyncIterator[str]:
         model, chat = self.settings.model_name, call.chat
         prompt_tokens = completion_tokens = 0
+        offsets = [0] * len(streams)  # per choice: text_offset of its next token (legacy completions format)
         try:
             if chat:  # the first chunk carries the role, as OpenAI's does
                 first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
@@ -378,7 +392,8 @@ class CompletionAPI:
                 new_loops = out.exit_loops[len(out.exit_loops) - len(out.new_token_ids) :]
                 if not out.new_text and not out.finished and not new_loops:
                     continue
-                choice = protocol.choice(index, out.new_text, out.finish_reason, new_loops, chat, delta=True)
+                logprobs = self.chunk_logprobs(out, call, offsets, index) if call.logprobs and out.new_token_ids else None
+                choice = protocol.choice(index, out.new_text, out.finish_reason, new_loops, chat, delta=True, logprobs=logprobs)
                 yield _event(protocol.completion_body(request_id, model, [choice], None, chat, chunk=True))
                 if out.finished:
                     prompt_tokens += out.num_prompt_tokens

@@ -283,7 +283,7 @@ class Engine:
         loop_limit = min(self.num_loops, params.max_loops or self.num_loops)
         request = RequestState(
             request_id, prompt, params, loop_limit, teacher_ids=teacher_ids,
-            generator=None if params.greedy else make_generator(params.seed),
+            generator=None if params.greedy else make_generator(params.seed), prompt_rows_left=len(prompt),
         )
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None] * len(prompt)
@@ -379,7 +379,7 @@ class Engine:
             self.runner.slot_table, spans, distinct_loops=sorted(set(loops)),
         )
 
-    @torch.no_grad()  # not inference_mode: multi_lora caches checks by tensor version
+    @torch.inference_mode()  # no autograd bookkeeping per op (TensorMemo handles inference tensors)
     def step(self) -> list[RequestOutput]:
         """Run one loop of the block over every token in flight; exit, draft, verify, sample, refill."""
         outputs, self._finished_outputs = self._finished_outputs, []
@@ -472,6 +472,9 @@ class Engine:
         scored = [
             u for u in candidates
             if u.loops_done < u.request.loop_limit and self.exit_policy.needs_confidence(u.request, u.loops_done)
+            # a scored prompt (echo) must run every row to full depth before its first token can finish the
+            # request (max_tokens 1): its last chunk never exits early, and earlier chunks are ahead of it
+            and not (u.kind == "prompt" and u.request.prompt_logprobs is not None)
         ]
         known: dict[int, torch.Tensor] = {}  # id(unit) -> logits already computed by the confidence rule
         if scored:

@@ -98,3 +98,33 @@ def metric_value(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def successor_chain(successor: torch.Tensor, start: int, length: int) -> list[int]:
+    """start, successor(start), ...: the synthetic text the early-exit stand-in is trained on."""
+    out = [start]
+    for _ in range(length - 1):
+        out.append(int(successor[out[-1] - 3]))
+    return out
+
+
+def early_exit_trained(model_dir, steps: int = 60, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A cycle recursive model uptrained with the early-exit loss (the paper's aggressive weighting plus
+    self-distillation from the final exit, as jobs/configs/demo_early_exit.yaml) on a synthetic successor
+    chain (each token has one fixed next token), where loop 1 learns what full depth predicts: the demo
+    student's property (loop-1 exits that agree with full depth) in seconds. All weights train: with the
+    backbone frozen a random tiny model has nothing loop 1 could agree on. Returns (model, successor)."""
+    from rrt_ray.models.early_exit import early_exit_loss, loop_exit_logits
+
+    generator = torch.Generator().manual_seed(seed)
+    successor = torch.arange(3, VOCAB)[torch.randperm(VOCAB - 3, generator=generator)]  # next of token 3 + i
+    model = load(model_dir).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        starts = torch.randint(3, VOCAB, (16,), generator=generator).tolist()
+        batch = torch.tensor([successor_chain(successor, s, 33) for s in starts])  # (16, 33)
+        loss, _ = early_exit_loss(loop_exit_logits(model, batch[:, :-1]), batch[:, 1:], schedule="aggressive", distill_weight=1.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), successor

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_helpers import load, random_prompts
+from serve_helpers import early_exit_trained, load, random_prompts, successor_chain
 
 from rrt_ray.convert import convert_checkpoint
 from rrt_ray.serve import Engine, EngineConfig, SamplingParams
@@ -132,3 +132,25 @@ def test_sampled_speculative_matches_full_depth_sampling_in_distribution(model_d
     seconds = [o[1] for o in outs if o[0] == first]
     assert len(seconds) > 100
     assert _chi_square(_counts(seconds, top2), probs2) < 18.5
+
+
+@pytest.fixture(scope="module")
+def early_exit_student(family_dirs):
+    return early_exit_trained(family_dirs["llama"], steps=60)
+
+
+def test_speculative_mode_really_drafts_on_an_early_exit_trained_model(early_exit_student):
+    """Loop-1 drafts that full depth accepts: each request reports accepted drafts, and the same greedy
+    output takes fewer engine steps than full depth (one request at a time, as a concurrency-1 client)."""
+    model, successor = early_exit_student
+    prompts = [successor_chain(successor, start, 5) for start in (5, 50, 100, 150)]
+    steps, outputs = {}, {}  # per mode
+    for mode in ("none", "speculative"):
+        engine = Engine(model, config=EngineConfig(max_num_seqs=1))  # one request at a time
+        params = SamplingParams(max_tokens=32, ignore_eos=True, temperature=0, exit_mode=mode, draft_tokens=4)
+        outputs[mode] = engine.generate(prompts, params)
+        steps[mode] = engine.stats["steps"]
+    for full, spec in zip(outputs["none"], outputs["speculative"]):
+        assert spec.token_ids == full.token_ids
+        assert spec.accepted > 0 and spec.drafted >= spec.accepted
+    assert steps["speculative"] < steps["none"], steps
