@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_results(args, size, tokens, arms, memory) -> None:
-    base = arms["one process"][0]
+    base, base_cpu = arms["one process"][0], sum(arms["one process"][1].cpu.values())
     lines = [
         "# bench_tokenize: Ray Data tokenisation vs one process; worker RSS from a token set vs in memory", "",
         f"Command: `python jobs/bench_tokenize.py --tokenizer {args.tokenizer} --repeat {args.repeat}`",
@@ -202,16 +202,17 @@ def write_results(args, size, tokens, arms, memory) -> None:
         f"Corpus: the default corpus repeated {args.repeat} times, {size / 1e6:.1f} MB, {tokens:,} tokens. "
         "Ray arms include starting the actors and writing shards + manifest; all arms one tokenizer thread each. "
         "CPU: seconds spent by the driver / tokenizer actors / other Ray processes during the arm. "
-        "Bound: the speedup the arm could reach if its CPU seconds ran on all cores without idling "
-        "(one-process seconds / (CPU seconds / cores)). Load: 1-minute load average at start and end.", "",
+        "Bound: the speedup the arm could reach over one process if its CPU seconds ran on all cores without "
+        "idling: (one process's CPU seconds) / (the arm's CPU seconds / cores); CPU seconds, unlike wall time, "
+        "barely depend on what else runs on the machine. Load: 1-minute load average at start and end.", "",
         "| arm | seconds | tokens/s | vs one process | CPU driver / actors / other (s) | bound | load |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, (seconds, profile) in arms.items():
         cpu = profile.cpu
-        bound = base / (sum(cpu.values()) / (os.cpu_count() or 1))
+        bound = "-" if name == "one process" else f"{base_cpu / (sum(cpu.values()) / (os.cpu_count() or 1)):.2f}x"
         lines.append(f"| {name} | {seconds:.1f} | {tokens / seconds:,.0f} | {base / seconds:.2f}x | "
-                     f"{cpu['driver']:.0f} / {cpu['tokenizer actors']:.0f} / {cpu['other Ray']:.0f} | {bound:.2f}x | "
+                     f"{cpu['driver']:.0f} / {cpu['tokenizer actors']:.0f} / {cpu['other Ray']:.0f} | {bound} | "
                      f"{profile.load[0]:.1f} -> {profile.load[1]:.1f} |")
     lines += ["", "Peak RSS of a worker's data path (token streams + 200 batches of 8 x 256; model excluded):", "",
               "| corpus | in-memory path (MB) | token set (MB) | ratio |", "|---|---:|---:|---:|"]
