@@ -38,7 +38,13 @@ def resolve_source(src: str) -> Path:
     try:
         return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as err:  # offline, unknown repo, gated: one clear line either way
-        raise ValueError(f"SRC {src!r} is not a local directory and could not be fetched from the hub: {err}") from err
+        raise ValueError(f"SRC {src!r} is not a local directory and could not be fetched from the hub: {hub_reason(err)}") from err
+
+
+def hub_reason(err: Exception) -> str:
+    """The first line of a hub failure (huggingface_hub's messages run to several lines of advice)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else 'no detail'}"
 
 
 def checkpoint_renames(model: torch.nn.Module) -> list[tuple[re.Pattern, str]]:

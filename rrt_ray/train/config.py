@@ -27,6 +27,7 @@ import yaml
 from rrt_ray.overrides import apply_override, build
 from rrt_ray import paths
 from rrt_ray.devices import check_use_gpu
+from rrt_ray.models.layer_map import SHARING_MODES
 from rrt_ray.overrides import valid_keys as _valid_keys
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -279,9 +280,10 @@ class TrainConfig:
         )
         _require(bool(self.model.student or self.model.teacher), "set model.student (a converted model) or model.teacher (to convert)")
         _require(not self.kd.enabled or bool(self.model.teacher), f"kd.weight={self.kd.weight} needs model.teacher (or set kd.weight=0)")
+        exits = [name for name in SHARING_MODES.names() if SHARING_MODES.get(name).loop_exits]
         _require(
-            not self.early_exit.enabled or bool(self.model.student) or self.model.sharing == "cycle",
-            f"early_exit needs model.sharing=cycle (exits sit between loops), got {self.model.sharing!r}",
+            not self.early_exit.enabled or bool(self.model.student) or self.model.sharing in exits,
+            f"early_exit needs a sharing mode with exits between loops ({', '.join(exits)}), got {self.model.sharing!r}",
         )
 
     @property

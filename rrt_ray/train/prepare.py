@@ -36,26 +36,24 @@ def check_data_source(source: str) -> None:
 
 
 def resolve_model(uri: str, key: str) -> str:
-    """A model directory, or a published root whose "latest" marker names one. Local paths must exist."""
+    """model_source.resolve_model's directory or published root, plus what training also takes: a GGUF file
+    (imported once into a content-keyed cache) and, online, a hub id. s3:// URIs pass through unresolved
+    (the converter and the workers download them). Errors are ValueErrors that name the config key."""
     from rrt_ray import storage
-
     from rrt_ray.convert.gguf_import import is_gguf, resolve_model_path
+    from rrt_ray.model_source import ModelError, resolve_model as resolve_source
 
     if storage.is_remote(uri):
         return uri
-    if is_gguf(uri):  # imported once into a content-keyed cache directory
+    if is_gguf(uri):
         return resolve_model_path(uri, log=print)
-    path = Path(uri).expanduser()
-    if (path / "config.json").is_file():
-        return str(path.resolve())
-    if path.is_dir():
-        latest = storage.read_latest(str(path))
-        if latest is not None and (Path(latest) / "config.json").is_file():
-            return str(Path(latest).resolve())
-        raise ValueError(f"{key} {uri!r} has no config.json and no \"latest\" marker naming a model directory")
-    if looks_like_hub_id(uri) and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
-        return uri  # fetched by the converter when online
-    raise ValueError(f"{key} {uri!r} does not exist (expected a model directory, a published root, an s3:// URI or, online, a hub id)")
+    online = os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True")
+    if not Path(uri).expanduser().exists() and looks_like_hub_id(uri) and online:
+        return uri  # fetched by the converter
+    try:
+        return resolve_source(uri).path
+    except ModelError as error:
+        raise ValueError(f"{key}: {error}") from None
 
 
 def check_converted(model_dir: str, key: str = "model.student") -> None:

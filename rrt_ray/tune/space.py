@@ -145,7 +145,12 @@ def teacher_config(teacher: str) -> Any:
     if storage.is_remote(uri):
         data = json.loads(storage.read_text(storage.join(uri, "config.json")))
         return AutoConfig.for_model(data.pop("model_type"), **data)
-    return AutoConfig.from_pretrained(uri)
+    try:
+        return AutoConfig.from_pretrained(uri)
+    except OSError as err:  # a hub id (resolve_model passes those through when online) that cannot be fetched
+        from rrt_ray.convert.source import hub_reason
+
+        raise ValueError(f"train.model.teacher {teacher!r} is not a local model and could not be fetched from the hub: {hub_reason(err)}") from None
 
 
 def expand(cfg: TuneConfig, text_config: Any) -> list[TrialPlan]:

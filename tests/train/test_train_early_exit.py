@@ -30,7 +30,7 @@ def test_bad_early_exit_settings_are_rejected_with_the_allowed_values(make_confi
         make_config("early_exit.enabled=true", "early_exit.schedule=eager")
     with pytest.raises(ValueError, match="freeze_backbone needs early_exit.enabled=true"):
         make_config("early_exit.freeze_backbone=true")
-    with pytest.raises(ValueError, match="early_exit needs model.sharing=cycle"):
+    with pytest.raises(ValueError, match=r"early_exit needs a sharing mode with exits between loops \(cycle\), got 'sequence'"):
         TrainConfig.from_dict({"model": {"teacher": "t", "sharing": "sequence"}, "kd": {"weight": 0.0}, "early_exit": {"enabled": True}})
 
 
