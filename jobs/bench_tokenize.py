@@ -30,7 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 RSS_PROBE = """
-import json, resource, sys
+import json, sys
 from transformers import AutoTokenizer
 from rrt_ray.train.config import DataConfig
 from rrt_ray.train.data_prep import token_arrays
@@ -42,7 +42,10 @@ loader = ShardedSequenceLoader(train, 256, 8, 0, 2, seed=0)
 drawn = 0
 while drawn < 200:  # each iter() is the rest of one epoch: small corpora take several
     drawn += sum(1 for _ in zip(range(200 - drawn), loader))
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens": len(train)}))
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork + exec, so a probe started by a large
+# driver would report the driver's peak (seen: both arms equal to the byte at the driver's RSS)
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"peak_rss_mb": peak_kb / 1024, "tokens": len(train)}))
 """
 
 
