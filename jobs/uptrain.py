@@ -7,17 +7,20 @@ Recipe: parse the config, check every path and credential (one clear line and ex
 before any worker starts), convert the teacher unless model.student names a converted model, train
 with DeepSpeed ZeRO on Ray Train (checkpoints to run.storage, resumed automatically; one log line per
 report with tokens/s and the time left; TensorBoard events under run.storage/run.name/tensorboard), export
-the uptrained model as a Hugging Face directory published under run.output.
+the uptrained model as a Hugging Face directory published under run.output. Ctrl-C (SIGINT) or SIGTERM
+stops the workers, keeps the last committed checkpoint as the run's "latest" and exits 130 / 143.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from rrt_ray.storage import StorageError
 from rrt_ray.train.config import TrainConfig
+from rrt_ray.train.trainer import Interrupted
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,8 +30,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)  # before and after training; fit() handles it during
+    try:
+        return run(args)
+    except KeyboardInterrupt as err:  # SIGINT / SIGTERM before training started (start-up, conversion)
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"uptrain: interrupted by {signal.Signals(signum).name} before training started", file=sys.stderr)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         from rrt_ray.train.prepare import convert_teacher, preflight, warm_token_cache
 
@@ -47,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"uptrain: TensorBoard: tensorboard --logdir {cfg.run.storage}  (events under {cfg.run.storage}/{cfg.run.name}/tensorboard)")
     try:
         metrics = fit(cfg)
+    except Interrupted as err:
+        from rrt_ray import storage
+
+        latest = storage.read_latest(storage.join(cfg.run.storage, cfg.run.name))
+        kept = f"the last good checkpoint is {latest} (rerun the same command to resume)" if latest else "no checkpoint had been written yet"
+        print(f"uptrain: {err}: training stopped; {kept}", file=sys.stderr)
+        return 128 + err.signum
     except RuntimeError as err:
         print(f"uptrain: error: {err}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ JIT-extension folder, one OpenMP thread per CPU, the S3 endpoint when set) throu
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,6 +33,43 @@ def worker_env(cfg: TrainConfig) -> dict[str, str]:
     }
     env.update({key: os.environ[key] for key in FORWARDED_ENV if key in os.environ})
     return env
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by SIGINT or SIGTERM; its last committed checkpoint stays the run's "latest".
+    A KeyboardInterrupt, so that callers' Ctrl-C handling applies and `except Exception` does not swallow it."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+def _interruptible(trainer_cls: type) -> type:
+    """trainer_cls whose driver treats SIGTERM as Ray Train treats Ctrl-C, and remembers either.
+
+    Ray Train's own SIGINT handler (installed by fit() once the controller exists) aborts the controller and
+    its workers, and fit() then fails with a RayActorError like any crash; SIGTERM (what `ray job stop` and
+    Kubernetes send) would kill the driver and leave the workers to die with it. Both now go to Ray's handler
+    and are recorded, so `fit` can raise `Interrupted` instead of a failure. (`_register_sigint_handler` is
+    Ray's hook; if a Ray upgrade drops it, the interrupt test fails.)
+    """
+
+    class InterruptibleTrainer(trainer_cls):
+        interrupted: int | None = None
+
+        def _register_sigint_handler(self, controller: Any) -> None:
+            super()._register_sigint_handler(controller)
+            ray_handler = signal.getsignal(signal.SIGINT)
+
+            def handler(signum: int, frame: Any) -> None:
+                self.interrupted = self.interrupted or signum
+                if callable(ray_handler):
+                    ray_handler(signal.SIGINT, frame)
+
+            signal.signal(signal.SIGINT, handler)
+            signal.signal(signal.SIGTERM, handler)
+
+    return InterruptibleTrainer
 
 
 def ensure_ray() -> None:
@@ -73,8 +111,11 @@ def fit(cfg: TrainConfig, train_loop: Callable[[dict], Any] | None = None, callb
     callbacks: Ray Train `UserCallback`s (a Tune trial passes `TuneReportCallback` here).
 
     A run with the same `run.name` and `run.storage` as an earlier one resumes from its last checkpoint.
-    Raises RuntimeError with the workers' error on failure (after `run.max_failures` restarts).
+    Raises RuntimeError with the workers' error on failure (after `run.max_failures` restarts), and
+    `Interrupted` when SIGINT or SIGTERM stopped the run (from the main thread only, where signals arrive).
     """
+    import threading
+
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -82,7 +123,7 @@ def fit(cfg: TrainConfig, train_loop: Callable[[dict], Any] | None = None, callb
 
     ensure_ray()
     storage_path, filesystem = ray_storage(cfg.run.storage)
-    trainer = TorchTrainer(
+    trainer = _interruptible(TorchTrainer)(
         train_loop or train_loop_per_worker,
         train_loop_config={"train": _absolute_paths(cfg)},
         torch_config=TorchConfig(),  # backend None: Ray picks nccl when each worker holds a GPU, else gloo
@@ -97,10 +138,20 @@ def fit(cfg: TrainConfig, train_loop: Callable[[dict], Any] | None = None, callb
             callbacks=list(callbacks),
         ),
     )
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         result = trainer.fit()
-    except Exception as err:  # TrainingFailedError wraps the worker's exception
+    except (Exception, SystemExit) as err:  # TrainingFailedError wraps the worker's exception; Ray's handler may sys.exit(0)
+        if trainer.interrupted:
+            raise Interrupted(trainer.interrupted) from err
+        if isinstance(err, SystemExit):
+            raise
         raise RuntimeError(f"training run {cfg.run.name!r} failed: {_root_cause(err)}") from err
+    finally:
+        if main_thread and None not in previous:  # Ray's handler must not outlive the run it aborts
+            signal.signal(signal.SIGINT, previous[0])
+            signal.signal(signal.SIGTERM, previous[1])
     if result.error is not None:
         raise RuntimeError(f"training run {cfg.run.name!r} failed: {_root_cause(result.error)}")
     return dict(result.return_value or result.metrics or {})

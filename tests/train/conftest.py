@@ -1,9 +1,12 @@
 """Fixtures for the training tests: a tiny teacher trained-tokenizer Llama, its converted student, a local
-Ray cluster, and a config builder with small, fast settings."""
+Ray cluster, a config builder with small, fast settings, and a run whose training worker is killed mid-way."""
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -110,3 +113,57 @@ def make_config(tmp_path, tiny_teacher, tiny_student):
         return TrainConfig.load(None, base + list(overrides))
 
     return build
+
+
+def _train_workers() -> list:
+    """Ray Train worker processes of the local cluster this test process started."""
+    import psutil
+
+    workers = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                workers.append(proc)
+        except psutil.Error:
+            continue
+    return workers
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def fit_killing_a_worker():
+    """fit_killing_a_worker(cfg, after_step) -> metrics: `fit(cfg)` with one training worker SIGKILLed as soon
+    as the checkpoint of after_step (or a later one) is published; the run must restart and finish."""
+    from rrt_ray.train.trainer import fit
+
+    def run(cfg, after_step: int) -> dict:
+        latest = Path(cfg.run.storage) / cfg.run.name / "latest"
+        box: dict = {}
+
+        def target() -> None:
+            try:
+                box["result"] = fit(cfg)
+            except BaseException as err:  # noqa: BLE001 - handed to the test thread
+                box["error"] = err
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        _wait_for(lambda: latest.is_file() and latest.read_text().strip() >= f"step_{after_step:08d}", 300,
+                  f"the checkpoint of step {after_step}")
+        victims = _train_workers()
+        assert victims, "no RayTrainWorker process found"
+        os.kill(victims[-1].pid, signal.SIGKILL)
+        thread.join(timeout=600)
+        assert not thread.is_alive(), "the killed run did not finish within 600 s"
+        assert "error" not in box, box.get("error")
+        assert box["result"]["resumed_from"] is not None and box["result"]["resumed_from"] >= after_step  # it restarted
+        return box["result"]
+
+    return run

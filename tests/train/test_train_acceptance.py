@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -198,54 +197,15 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
-def _train_workers() -> list[psutil.Process]:
-    """Ray Train worker processes of the local cluster this test process started."""
-    workers = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                workers.append(proc)
-        except psutil.Error:
-            continue
-    return workers
-
-
-@pytest.fixture(scope="session")
-def local_token_set(ray_local, tiny_teacher, tmp_path_factory) -> str:
-    """The conftest corpus slice as .txt files, tokenised by the Ray Data job into small shards."""
-    from rrt_ray import data
-    from rrt_ray.data.token_sets import build_token_set
-
-    root = tmp_path_factory.mktemp("token-set")
-    for i, text in enumerate(data.load_texts("default", "all", CORPUS_BYTES)):
-        (root / "corpus").mkdir(exist_ok=True)
-        (root / "corpus" / f"doc{i:04d}.txt").write_text(text)
-    build_token_set(str(root / "corpus"), tiny_teacher, str(root / "tokens"), shard_tokens=8192, num_workers=2, log=lambda line: None)
-    return str(root / "tokens")
-
-
-@pytest.mark.parametrize("source", ["text", pytest.param("token_set", marks=pytest.mark.heavy)])  # token_set: not yet run here
-def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_local, make_config, weights, request, source):
+def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_local, make_config, weights, fit_killing_a_worker):
+    """(The same from a token set streamed from S3: tests/train/test_train_token_sets.py.)"""
     from rrt_ray.train.trainer import fit
 
     common = ["zero.stage=2", "data.seq_len=64", "optim.max_steps=40", "run.checkpoint_every=5",
               "run.log_every=5", "run.eval_every=20", "run.max_failures=2"]
-    if source == "token_set":  # workers stream the shards instead of tokenising text
-        common += [f"data.source={request.getfixturevalue('local_token_set')}", "data.max_bytes=null"]
-    straight = fit(make_config(*common, f"run.name=ft-straight-{source}"))
+    straight = fit(make_config(*common, "run.name=ft-straight"))
+    resumed = fit_killing_a_worker(make_config(*common, "run.name=ft-killed"), after_step=10)
 
-    cfg = make_config(*common, f"run.name=ft-killed-{source}")
-    latest = Path(cfg.run.storage) / f"ft-killed-{source}" / "latest"
-    thread, box = _run_in_thread(fit, cfg)
-    _wait_for(lambda: latest.is_file() and latest.read_text().strip() >= "step_00000010", 300, "checkpoint at step 10")
-    victims = _train_workers()
-    assert victims, "no RayTrainWorker process found"
-    os.kill(victims[-1].pid, signal.SIGKILL)
-    thread.join(timeout=600)
-    assert "error" not in box, box.get("error")
-    resumed = box["result"]
-
-    assert resumed["resumed_from"] is not None and resumed["resumed_from"] >= 10  # it did restart
     assert resumed["step"] == 40
     assert resumed["data_fingerprint"] == straight["data_fingerprint"]  # no batch lost or repeated
     a, b = weights(straight["export_uri"]), weights(resumed["export_uri"])
