@@ -71,10 +71,14 @@ def ray_head(env: dict[str, str]):
     temp_dir = tempfile.mkdtemp(prefix="rrt-tune-head-", dir="/tmp")  # short: Unix socket paths are limited
     dashboard = _free_port()
     ports = {flag: _free_port() for flag in ("--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")}
-    command = [str(VENV_BIN / "ray"), "start", "--head", "--port=0", "--num-cpus=2", "--disable-usage-stats",
+    gcs = _free_port()
+    command = [str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2", "--disable-usage-stats",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}"]
     command += [f"{flag}={port}" for flag, port in ports.items()]
-    started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    # The head's processes inherit RAY_ADDRESS: Ray Train's PlacementGroupCleaner looks its cluster up without an
+    # address and, with a second Ray instance on the machine (the session's ray_local), fails at once, leaking the
+    # placement group of every trial ASHA stops (the next trial then waits for CPUs forever).
+    started = subprocess.run(command, env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, capture_output=True, text=True, timeout=180)
     try:
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
         yield f"http://127.0.0.1:{dashboard}"
