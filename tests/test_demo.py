@@ -50,7 +50,9 @@ def _read_until(proc: subprocess.Popen, pattern: str, timeout: float, seen: list
 @pytest.mark.slow
 def test_sigint_mid_demo_stops_everything_it_started(tmp_path):
     owner = f"test-demo-{uuid.uuid4().hex[:12]}"
-    env = {**os.environ, "RRT_SERVE_OWNER": owner, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    # A user's shell, not this process's: earlier tests' Ray, S3 and serve settings (ray.init sets RAY_* here) stay out.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "RRT_"))}
+    env = {**clean, "RRT_SERVE_OWNER": owner, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     command = [sys.executable, "jobs/demo.py", "--quick", "--workdir", str(tmp_path / "demo")]
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: list[str] = []
