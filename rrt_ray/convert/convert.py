@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from rrt_ray.convert.init_strategies import INIT_STRATEGIES, init_source_layers
 from rrt_ray.convert.calibrate import CalibrationSpec, LayerStats, activation_weighted_mean, calibrate_dir, calibration_stats
 from rrt_ray.convert.gguf_import import resolve_model_path
 from rrt_ray.convert.lora_init import LORA_INITS, LoRAInitInput
-from rrt_ray.convert.output import DTYPES, check_out
+from rrt_ray.convert.output import DTYPES, check_out, write_atomically
 from rrt_ray.convert.source import SourceCheckpoint, checkpoint_renames, resolve_source
 from rrt_ray.models.arch import ARCHITECTURES, arch_spec, check_supported, layers_path, resolve_projections
 from rrt_ray.models.config import RecursiveConfig
@@ -351,22 +350,8 @@ def _convert_local(
         if spec.calibration.reconstruct or spec.calibration.sequential:
             calibrate_dir(tmp, src_path, stats, spec.calibration, DTYPES[spec.dtype])
 
-    _write_atomically(out_path, write)
+    write_atomically(out_path, write)
     return ConvertReport(str(out_path), skeleton.parameter_counts(), original.num_parameters(), 0.0, ranks)
-
-
-def _write_atomically(out_path: Path, write) -> None:
-    """write(tmp) fills a temporary sibling of OUT, which then replaces OUT; on any failure OUT is untouched."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
-    try:
-        write(tmp)
-        if out_path.exists():
-            shutil.rmtree(out_path)
-        os.replace(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def provenance(source: str, src_path: Path, spec: ConvertSpec) -> dict:

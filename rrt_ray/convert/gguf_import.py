@@ -23,14 +23,12 @@ import contextlib
 import hashlib
 import io
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rrt_ray.convert.output import DTYPES, check_out
+from rrt_ray.convert.output import DTYPES, check_out, write_atomically
 
 GGUF_SUFFIX = ".gguf"
 CACHE_ENV = "RRT_CACHE_DIR"  # where GGUF sources are imported once, keyed by their content
@@ -145,17 +143,11 @@ def import_gguf(src: str, out: str, *, dtype: str = "float32", overwrite: bool =
     model = _load_plain_model(path, config)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)  # chat template included
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
-    try:
+    def write(tmp: Path) -> None:
         model.to(DTYPES[dtype]).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out_path.exists():
-            shutil.rmtree(out_path)
-        os.replace(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_atomically(out_path, write)
     return ImportReport(str(out_path), config.model_type, arch, model.num_parameters(), types)
 
 

@@ -1,8 +1,11 @@
-"""What `rrt convert` and `rrt import` share about their output: the storage dtypes and the OUT check."""
+"""What `rrt convert` and `rrt import` share about their output: the storage dtypes, the OUT check and the atomic write."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,3 +29,17 @@ def check_out(out: str, overwrite: bool) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"OUT {out!r} is not writable (no write permission on {parent})")
     return path
+
+
+def write_atomically(out_path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) fills a temporary sibling of OUT, which then replaces OUT; on any failure OUT is untouched."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
+    try:
+        write(tmp)
+        if out_path.exists():
+            shutil.rmtree(out_path)
+        os.replace(tmp, out_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from polling import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
@@ -129,14 +129,6 @@ def _train_workers() -> list:
     return workers
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def fit_killing_a_worker():
     """fit_killing_a_worker(cfg, after_step) -> metrics: `fit(cfg)` with one training worker SIGKILLed as soon
@@ -155,8 +147,8 @@ def fit_killing_a_worker():
 
         thread = threading.Thread(target=target, daemon=True)
         thread.start()
-        _wait_for(lambda: latest.is_file() and latest.read_text().strip() >= f"step_{after_step:08d}", 300,
-                  f"the checkpoint of step {after_step}")
+        wait_for(lambda: latest.is_file() and latest.read_text().strip() >= f"step_{after_step:08d}", 300,
+                 f"the checkpoint of step {after_step}")
         victims = _train_workers()
         assert victims, "no RayTrainWorker process found"
         os.kill(victims[-1].pid, signal.SIGKILL)

@@ -16,13 +16,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
+from polling import wait_for
 
 pytestmark = pytest.mark.slow
 BUCKET = "rrt-test"
@@ -189,14 +189,6 @@ def _run_in_thread(target, *args):
     return thread, box
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.02)
-
-
 def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_local, make_config, weights, fit_killing_a_worker):
     """(The same from a token set streamed from S3: tests/train/test_train_token_sets.py.)"""
     from rrt_ray.train.trainer import fit
@@ -225,7 +217,7 @@ def test_s3_down_during_checkpoint_upload_keeps_latest(ray_local, make_config, s
                       "run.log_every=5", "run.eval_every=0", "run.max_failures=0", "run.name=outage",
                       f"run.storage={root}")
     thread, box = _run_in_thread(fit, cfg)
-    _wait_for(lambda: storage.read_latest(f"{root}/outage") is not None, 300, "the first checkpoint on S3")
+    wait_for(lambda: storage.read_latest(f"{root}/outage") is not None, 300, "the first checkpoint on S3")
     s3_server["server"].stop()  # the next checkpoint upload hits a dead endpoint
     thread.join(timeout=600)
     assert not thread.is_alive(), "the job neither failed nor finished with S3 down"

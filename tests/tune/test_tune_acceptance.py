@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import psutil
 import pytest
 import torch
 import torch.nn.functional as F
+from polling import wait_for
 
 # In CI (~8 min on 2 idle cores: 4 trials of which two stop at their first milestone, plus the stop and the resume).
 # The module fixture runs the whole sweep inside the first test, hence its own timeout.
@@ -91,15 +91,6 @@ def _ray(env, *args, timeout=900) -> subprocess.CompletedProcess:
     return subprocess.run([str(VENV_BIN / "ray"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(15)  # `ray job logs` itself costs a CPU-second
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, tiny_teacher):
     """Submit the sweep, stop the job once the second trial started, submit it again to completion."""
@@ -134,14 +125,14 @@ def sweep(tmp_path_factory, tiny_teacher):
             return _ray(env, "job", "logs", "--address", address, job_id, timeout=60).stdout
 
         # t00 finished (exported) and t01 started: Tune has recorded t00 as terminated.
-        _wait_for(lambda: f"tune: {TRIALS[1]} started" in first_logs(), 900, "the second trial to start")
+        wait_for(lambda: f"tune: {TRIALS[1]} started" in first_logs(), 900, "the second trial to start", poll=15)  # `ray job logs` costs a CPU-second
         stop = _ray(env, "job", "stop", "--address", address, job_id, timeout=120)
         assert stop.returncode == 0, stop.stderr[-2000:]
         def ended() -> bool:  # `ray job status` prints e.g. "Job 'raysubmit_...' was stopped" (on stdout or stderr)
             done = _ray(env, "job", "status", "--address", address, job_id, timeout=60)
             return any(word in (done.stdout + done.stderr).lower() for word in ("stopped", "failed", "succeeded"))
 
-        _wait_for(ended, 600, "the job to end")
+        wait_for(ended, 600, "the job to end", poll=15)
         interrupted_log = first_logs()
         second = _ray(env, "job", "submit", "--address", address, *entry)
     out = Path(config["sweep"]["output"]) / "accept"
