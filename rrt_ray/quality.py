@@ -54,6 +54,8 @@ def conversion_arms() -> list[Arm]:
         arms.append(Arm(f"{init}-r128", "conversion", {"loops": 2, "init": init, "lora_rank": 128}))
     arms.append(Arm("avg-r64-3loops", "conversion", {"loops": 3, "init": "average", "lora_rank": 64}))
     arms.append(Arm("avg-r64-zero", "conversion", {"loops": 2, "init": "average", "lora_rank": 64, "lora_init": "zero"}))
+    # Mixture-of-Recursions' middle-cycle: layers 0 and N-1 unique, the middle N-2 looped twice
+    arms.append(Arm("mc-avg-r64", "conversion", {"loops": 2, "sharing": "middle_cycle", "init": "average", "lora_rank": 64}))
     arms.append(Arm("avg-r128-calib-seq", "conversion", {"loops": 2, "init": "average", "lora_rank": 128, "calibration": SEQUENTIAL}))
     arms.append(Arm("avg-r128-calib-recon", "conversion", {"loops": 2, "init": "average", "lora_rank": 128, "calibration": RECONSTRUCTION}))
     arms.append(Arm("avg-full", "conversion", {"loops": 2, "init": "average", "lora_rank": "full"}))
@@ -130,9 +132,9 @@ COMPARISONS = (  # (what, baseline arm, arm): a finding is written only when bot
     ("average -> stepwise init, rank 64", "avg-r64", "stepwise-r64"),
     ("SVD -> zero LoRA init, rank 64", "avg-r64", "avg-r64-zero"),
     ("2 -> 3 loops, rank 64", "avg-r64", "avg-r64-3loops"),
+    ("cycle -> middle_cycle sharing (first and last layer unique), rank 64", "avg-r64", "mc-avg-r64"),
 )
 NOT_BUILT = (
-    "5a middle_cycle arm: `--sharing middle_cycle` belongs to the registry engineer's item 4 (add the arm once it lands)",
     "5b uptraining arms (same token budget each), 5c early-exit post-training, 5e tune sweep: not run on the shared 2-core machine",
     "5d task accuracy: `rrt eval MODEL` exists (lm-eval, local next-line task); its numbers are not in this table yet",
 )
