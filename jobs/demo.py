@@ -20,7 +20,6 @@ from pathlib import Path
 for _sig in (signal.SIGINT, signal.SIGTERM):  # before the slow imports: either signal interrupts them
     signal.signal(_sig, signal.default_int_handler)
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 CONFIGS = REPO / "jobs" / "configs"
 # Seconds per stage, sized for 2 idle cores with the teacher cached (pretraining fresh: ~3 min more).
 BUDGETS = {"ray head": 45, "teacher": 240, "convert": 45, "uptrain": 200, "tune": 200, "early exit": 120, "evaluate": 45, "serve": 120}
