@@ -27,7 +27,8 @@ class MetricWindow:
 
     def add(self, terms: dict[str, torch.Tensor], tokens: int) -> None:
         """One micro-batch: its loss terms (scalars) and the tokens it held on all workers."""
-        self.sums += torch.tensor([float(terms[name]) for name in self.names] + [1.0], dtype=torch.float64)
+        # detached: the terms are the graph's own tensors (float() on them warns once per worker and run)
+        self.sums += torch.tensor([float(torch.as_tensor(terms[name]).detach()) for name in self.names] + [1.0], dtype=torch.float64)
         self.tokens += tokens
 
     def close(self, steps: int) -> dict[str, float]:
