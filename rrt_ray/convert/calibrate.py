@@ -278,50 +278,63 @@ def _position_loss(call, inputs: list[torch.Tensor], targets: list[torch.Tensor]
     return total / len(inputs)
 
 
-def reconstruct(student: nn.Module, stats: LayerStats, spec: CalibrationSpec, log=None) -> dict[int, tuple[float, float]]:
-    """Train each unrolled position's per-depth parameters to reproduce its original layer; return
-    {position: (relative error before, after)}."""
-    unrolled = student.unrolled_layers
+def _train_position(call, layer: nn.Module, depth: int, inputs: list[torch.Tensor], targets: list[torch.Tensor],
+                    kwargs: list[dict], spec: CalibrationSpec) -> tuple[float, float]:
+    """Adam on one unrolled position's per-depth parameters (W' and every other depth frozen) so that
+    call(inputs) reproduces targets, (b, L, d) per batch. Keeps the best parameters seen on these batches, so
+    the position never ends worse than it started; returns its relative error (before, after)."""
+    params = _position_parameters(layer)
+    slices = [p.detach()[depth].clone() for p in params]
+    with torch.no_grad():
+        before = best = _position_loss(call, inputs, targets, kwargs).item()
+    if best <= 1e-10:  # an exact start (full rank) is kept as it is
+        return before, best
+    masks = []  # only this depth's slice moves: the other depths belong to other positions
+    for p in params:
+        mask = torch.zeros(p.shape[0], *([1] * (p.dim() - 1)))
+        mask[depth] = 1
+        masks.append(mask)
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=spec.reconstruct_lr)
+    with torch.enable_grad():  # the sequential pass runs under no_grad
+        for _ in range(spec.reconstruct_steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = _position_loss(call, inputs, targets, kwargs)
+            if loss.item() < best:  # the parameters that produced this loss are the best so far
+                best, slices = loss.item(), [p.detach()[depth].clone() for p in params]
+            loss.backward()
+            for p, mask in zip(params, masks):
+                p.grad.mul_(mask)
+            optimizer.step()
+    with torch.no_grad():
+        final = _position_loss(call, inputs, targets, kwargs).item()
+        if final < best:
+            best, slices = final, [p.detach()[depth].clone() for p in params]
+        for p, kept in zip(params, slices):
+            p.requires_grad_(False)
+            p.data[depth] = kept
+    return before, best
+
+
+def _freeze(student: nn.Module) -> None:
     student.train(False)
-    for p in student.parameters():
+    for p in student.parameters():  # _train_position unfreezes one position's parameters at a time
         p.requires_grad_(False)
+
+
+def reconstruct(student: nn.Module, stats: LayerStats, spec: CalibrationSpec, log=None) -> dict[int, tuple[float, float]]:
+    """The independent scheme (inputs="original"): train each unrolled position on its own to reproduce its
+    original layer on the original's hidden states; return {position: (relative error before, after)}."""
+    unrolled = student.unrolled_layers
+    _freeze(student)
     result = {}
+    used = spec.reconstruct_batches
     for position in unrolled.positions:
-        layer = unrolled.shared[position.shared]
-        params = _position_parameters(layer)
-        d = position.depth
-        call = unrolled[position.position]
-        used = spec.reconstruct_batches
-        inputs, targets = stats.hidden_in[position.position][:used], stats.hidden_out[position.position][:used]
-        kwargs = stats.call_kwargs[position.position][:used]
-        slices = [p.detach()[d].clone() for p in params]
-        with torch.no_grad():
-            before = best = _position_loss(call, inputs, targets, kwargs).item()
-        if best > 1e-10:  # an exact start (full rank) is kept as it is
-            for p in params:
-                p.requires_grad_(True)
-            optimizer = torch.optim.Adam(params, lr=spec.reconstruct_lr)
-            for _ in range(spec.reconstruct_steps):
-                optimizer.zero_grad(set_to_none=True)
-                loss = _position_loss(call, inputs, targets, kwargs)
-                if loss.item() < best:  # the parameters that produced this loss are the best so far
-                    best, slices = loss.item(), [p.detach()[d].clone() for p in params]
-                loss.backward()
-                for p in params:  # only this depth's slice moves: the other depths belong to other positions
-                    mask = torch.zeros(p.shape[0], *([1] * (p.dim() - 1)))
-                    mask[d] = 1
-                    p.grad.mul_(mask)
-                optimizer.step()
-            with torch.no_grad():
-                final = _position_loss(call, inputs, targets, kwargs).item()
-                if final < best:
-                    best, slices = final, [p.detach()[d].clone() for p in params]
-                for p, kept in zip(params, slices):
-                    p.requires_grad_(False)
-                    p.data[d] = kept
-        result[position.position] = (before, best)
+        index = position.position
+        result[index] = _train_position(unrolled[index], unrolled.shared[position.shared], position.depth, stats.hidden_in[index][:used],
+                                        stats.hidden_out[index][:used], stats.call_kwargs[index][:used], spec)
         if log is not None:
-            log(f"reconstruct position {position.position}: relative error {before:.3e} -> {best:.3e}")
+            log(f"reconstruct position {index}: relative error {result[index][0]:.3e} -> {result[index][1]:.3e}")
     return result
 
 
@@ -338,23 +351,24 @@ def _input_groups(stats: LayerStats, layer: int) -> list[list[str]]:
     return list(groups.values())
 
 
-def _capture(module: nn.Module, sink: list[torch.Tensor]):
-    def hook(mod, args, output) -> None:
-        sink.append(args[0].detach().reshape(-1, args[0].shape[-1]).float())  # (n, d_in)
-
-    return module.register_forward_hook(hook)
+def _layer_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
 
 
-def _run_capturing(call, module: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    """Run call over the batches and return what `module` read in each, (n, d_in) per batch."""
-    sink: list[torch.Tensor] = []
-    handle = _capture(module, sink)
+def _run_capturing(call, modules: list[nn.Module], inputs: list[torch.Tensor], kwargs: list[dict]) -> list[list[torch.Tensor]]:
+    """Run call over the batches and return, for each of `modules`, what it read in each batch, (n, d_in)."""
+    sinks: list[list[torch.Tensor]] = [[] for _ in modules]
+    handles = [
+        module.register_forward_hook(lambda mod, args, output, sink=sink: sink.append(args[0].detach().reshape(-1, args[0].shape[-1]).float()))
+        for module, sink in zip(modules, sinks)
+    ]
     try:
         for h, kw in zip(inputs, kwargs):
             call(h, **kw)
     finally:
-        handle.remove()
-    return sink
+        for handle in handles:
+            handle.remove()
+    return sinks
 
 
 def corrected_residual(original: torch.Tensor, shared: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, damping: float) -> torch.Tensor:
@@ -389,31 +403,52 @@ def _refit_group(shared_layer: nn.Module, original_layer: nn.Module, group: list
         module.lora_b.data[depth] = us / module.scale
 
 
+def _refit_position(call, shared_layer: nn.Module, original_layer: nn.Module, groups: list[list[str]], depth: int,
+                    hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor], kwargs: list[dict], spec: CalibrationSpec) -> None:
+    """The closed-form refit of one position, input group by input group in forward order, so that the o
+    projection sees the refitted q/k/v. hidden: the recursive model's inputs here; teacher_hidden: the original's."""
+    teacher_xs = [None] * len(groups)
+    if spec.inputs == "recursive_corrected":  # the original layer does not change: all its groups in one pass
+        teacher_xs = _run_capturing(original_layer, [original_layer.get_submodule(g[0]) for g in groups], teacher_hidden, kwargs)
+    for group, teacher_x in zip(groups, teacher_xs):
+        (student_x,) = _run_capturing(call, [shared_layer.get_submodule(group[0])], hidden, kwargs)
+        _refit_group(shared_layer, original_layer, group, depth, student_x, teacher_x, spec)
+
+
 @torch.no_grad()
-def sequential_refit(student: nn.Module, original: nn.Module, stats: LayerStats, spec: CalibrationSpec, log=None) -> None:
-    """Refit every position's LoRA, in execution order, on the activations the recursive model itself
-    produces there (with the positions before it already refitted), as GPTQ quantises layer by layer on the
-    quantised model's own inputs. Within a position the input groups go in forward order, so the o
-    projection sees the refitted q/k/v. Needs stats with hidden states (the original's, for the targets)."""
+def sequential_refit(student: nn.Module, original: nn.Module, stats: LayerStats, spec: CalibrationSpec, log=None) -> dict[int, tuple[float, float]]:
+    """Calibrate every position in execution order on the activations the recursive model itself produces
+    there, with the positions before it already calibrated (and reconstructed), as GPTQ quantises layer by
+    layer on the quantised model's own inputs: the closed-form LoRA refit, then (spec.reconstruct) training
+    towards the position's target, then the recursive hidden state is carried through the finished position.
+
+    Target of position l: for "recursive_corrected" the original layer l's output on the ORIGINAL's hidden
+    state (so l also corrects the drift of the positions before it); for "recursive" the original layer l
+    applied to the recursive hidden state (the same objective as its refit, min ||(W_l - W' - BA) X_s||).
+    Needs stats with hidden states. Returns reconstruction's {position: (relative error before, after)}."""
     from rrt_ray.models.arch import layers_path
 
     unrolled = student.unrolled_layers
     originals = original.get_submodule(layers_path(original.config.model_type))
+    _freeze(student)
     hidden = list(stats.hidden_in[0])  # the embeddings: the same in both models, (b, L, d) per batch
+    errors, used = {}, spec.reconstruct_batches
     for position in unrolled.positions:
         index, depth = position.position, position.depth
-        call, kwargs = unrolled[index], stats.call_kwargs[index]
-        shared_layer = unrolled.shared[position.shared]
-        for group in _input_groups(stats, index):
-            teacher_x = None
+        call, kwargs, shared_layer = unrolled[index], stats.call_kwargs[index], unrolled.shared[position.shared]
+        _refit_position(call, shared_layer, originals[index], _input_groups(stats, index), depth, hidden, stats.hidden_in[index], kwargs, spec)
+        if spec.reconstruct:
             if spec.inputs == "recursive_corrected":
-                teacher_x = _run_capturing(originals[index], originals[index].get_submodule(group[0]), stats.hidden_in[index], kwargs)
-            student_x = _run_capturing(call, shared_layer.get_submodule(group[0]), hidden, kwargs)
-            _refit_group(shared_layer, originals[index], group, depth, student_x, teacher_x, spec)
+                targets = stats.hidden_out[index][:used]
+            else:
+                targets = [_layer_output(originals[index](h, **kw)) for h, kw in zip(hidden[:used], kwargs)]
+            errors[index] = _train_position(call, shared_layer, depth, hidden[:used], targets, kwargs[:used], spec)
         hidden = [call(h, **kw) for h, kw in zip(hidden, kwargs)]
         if log is not None:
             err = sum((h - y).pow(2).sum() for h, y in zip(hidden, stats.hidden_out[index])) / sum(y.pow(2).sum() for y in stats.hidden_out[index])
-            log(f"sequential position {index}: relative hidden-state error {err.item():.3e}")
+            trained = f"; reconstruction {errors[index][0]:.3e} -> {errors[index][1]:.3e}" if index in errors else ""
+            log(f"sequential position {index}: relative hidden-state error {err.item():.3e}{trained}")
+    return errors
 
 
 def original_stats(original: nn.Module, batches: torch.Tensor, spec: CalibrationSpec) -> LayerStats:
@@ -436,8 +471,9 @@ def calibration_stats(src_path, spec: CalibrationSpec) -> LayerStats:
 
 def calibrate_dir(model_dir, src_path, stats: LayerStats, spec: CalibrationSpec, dtype: torch.dtype, log=None) -> dict[int, tuple[float, float]]:
     """The calibration steps that need the converted model itself, in place in model_dir (fp32 arithmetic),
-    saved again in `dtype`: the sequential refit (spec.inputs != "original"), then layer-wise reconstruction.
-    Returns reconstruct's {position: (error before, after)} (empty without it)."""
+    saved again in `dtype`: the sequential pass (spec.inputs != "original": refit, and reconstruct each position
+    in execution order) or the independent reconstruction (inputs="original"). Returns reconstruction's
+    {position: (relative error before, after)} (empty without it)."""
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
@@ -446,9 +482,10 @@ def calibrate_dir(model_dir, src_path, stats: LayerStats, spec: CalibrationSpec,
     student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if spec.sequential:
         original = AutoModelForCausalLM.from_pretrained(src_path, dtype=torch.float32).eval()
-        sequential_refit(student, original, stats, spec, log)
+        errors = sequential_refit(student, original, stats, spec, log)
         del original
-    errors = reconstruct(student, stats, spec, log) if spec.reconstruct else {}
+    else:
+        errors = reconstruct(student, stats, spec, log) if spec.reconstruct else {}
     for old in list(model_dir.glob("*.safetensors")) + list(model_dir.glob("*.safetensors.index.json")):
         old.unlink()
     student.to(dtype).save_pretrained(model_dir)
