@@ -62,6 +62,18 @@ def _memoized_stats():
     return stats
 
 
+def _logged_calibrate_dir(errors: dict):
+    """calibrate_dir with a per-position log line (elapsed seconds first), its errors kept for the row."""
+    real, started = calibrate.calibrate_dir, time.perf_counter()
+
+    def calibrate_dir(*args, **kwargs):
+        log = lambda line: print(f"[{time.perf_counter() - started:7.1f} s] {line}", flush=True)  # noqa: E731
+        errors.update(real(*args, log=log, **kwargs))
+        return errors
+
+    return calibrate_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="out/models/smollm2-135m")
@@ -86,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         options = {**BASE, **options}
         if calibration is not None:
             options["calibration"] = {**quality.CALIBRATION, **calibration}
-        started = time.perf_counter()
+        started, errors = time.perf_counter(), {}
+        convert.calibrate_dir = _logged_calibrate_dir(errors)
         out = Path(args.workdir) / name
         convert.convert_checkpoint(args.teacher, str(out), overwrite=True, progress=False, **options)
         convert_s = time.perf_counter() - started
@@ -95,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         row = {"arm": name, "options": options, "ppl": ppl, "windows": args.windows, "convert_s": round(convert_s, 1),
                "eval_s": round(time.perf_counter() - started - convert_s, 1), "threads": torch.get_num_threads(),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load": os.getloadavg()[0]}
+        if errors:  # reconstruction's relative error per position, (before, after) training
+            row["reconstruct_error"] = {str(k): [round(b, 5), round(a, 5)] for k, (b, a) in errors.items()}
         print(json.dumps(row), flush=True)
         with open(args.results, "a") as f:
             f.write(json.dumps(row) + "\n")

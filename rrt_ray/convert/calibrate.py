@@ -27,10 +27,21 @@ corrects the drift before it:
 (exact at full rank: there X_s = X_t and M0 = W_l - W'). On SmolLM2-135M, 2 loops, rank 64, it took held-out
 perplexity from 1910 (original inputs) to 137 (results/calibration_smollm2.md).
 
-`--reconstruct` then trains, for each unrolled position on its own, its LoRA, per-depth norms and biases so
-that the shared layer reproduces the original layer's output on the original's hidden states (positions are
-independent given those, and W' stays frozen), keeping the best parameters seen, so it never ends worse than
-it started on the calibration data (at full rank the start is exact and is kept).
+`--reconstruct` then trains each unrolled position's LoRA, per-depth norms and biases (W' frozen) by Adam on
+the relative error ||f_l(h) - y||^2 / ||y - h||^2, keeping the best parameters seen on the batches it trains on,
+so a position never ends worse than it started (at full rank the start is exact and is kept). Its inputs and
+targets follow the calibration inputs, so it refines the refit instead of undoing it:
+
+    recursive_corrected   in the sequential pass, right after position l's refit: h = the recursive model's own
+                          hidden state (positions 0..l-1 refitted AND reconstructed), y = the original layer l's
+                          output on the original's hidden state; then h is carried through the trained position
+    recursive             the same pass, y = the original layer l applied to the recursive h (the refit's own
+                          objective, min ||(W_l - W' - BA) X_s||, on the whole layer)
+    original              every position on its own: h, y = the original's input and output of layer l
+                          (positions independent given those: cheap, but blind to the drift)
+
+Training position l on the original's hidden states after a sequential refit undid the drift correction
+(SmolLM2 held-out ppl 136.8 -> 300.0); results/calibration_smollm2.md has the sequential scheme's numbers.
 """
 
 from __future__ import annotations
@@ -62,8 +73,10 @@ class CalibrationSpec:
     sequences: calibration sequences (0: no calibration, the paper's plain SVD); seq_len: tokens each.
     data: the corpus (as `data.source` in training); always its training split, never the held-out one.
     damping: lam as a fraction of the mean diagonal of C (GPTQ's 1%).
-    reconstruct: layer-wise reconstruction after the activation-aware init; steps and lr of its Adam, and how
-        many calibration batches each step sees.
+    reconstruct: layer-wise reconstruction after the activation-aware init, on the inputs and towards the
+        targets that `inputs` implies (the module docstring: in execution order on the recursive model's own
+        hidden states unless inputs="original"); steps and lr of its Adam, and how many calibration batches
+        each step sees (the first reconstruct_batches batches of batch_size; the best parameters are kept on them).
     batch_size: calibration sequences per forward pass (memory only); seed: which sequences are drawn.
     """
 
