@@ -42,7 +42,7 @@ ARMS = {  # name -> (convert options over BASE, calibration options over quality
     "corrected-damp1e-3": ({}, {"inputs": "recursive_corrected", "damping": 1e-3}),
     "corrected-128seq": ({}, {"inputs": "recursive_corrected", "sequences": 128}),
     "corrected-r128": ({"lora_rank": 128}, {"inputs": "recursive_corrected"}),
-    "corrected-recon": ({}, {"inputs": "recursive_corrected", "reconstruct": True, "reconstruct_steps": 10}),
+    "corrected-recon": ({}, {"inputs": "recursive_corrected", "reconstruct": True}),
     "corrected-recon-lr3e-4": ({}, {"inputs": "recursive_corrected", "reconstruct": True, "reconstruct_steps": 10, "reconstruct_lr": 3e-4}),
 }
 
