@@ -41,8 +41,9 @@ inputs, so it refines the refit instead of undoing it:
     original              every position on its own: h, y = the original's input and output of layer l
                           (positions independent given those: cheap, but blind to the drift)
 
-Training position l on the original's hidden states after a sequential refit undid the drift correction
-(SmolLM2 held-out ppl 136.8 -> 300.0); results/calibration_smollm2.md has the sequential scheme's numbers.
+On SmolLM2-135M, 2 loops, rank 64 (results/calibration_smollm2.md): the sequential scheme took held-out ppl
+136.8 -> 70.1; training position l on the original's hidden states instead undid the drift correction
+(136.8 -> 300.0), and judging the kept parameters on the batch they trained on overfitted (136.8 -> 240.2).
 """
 
 from __future__ import annotations
@@ -324,7 +325,9 @@ def _train_position(call, layer: nn.Module, depth: int, inputs: list[torch.Tenso
         before = best = loss_on(val).item()
     if best <= 1e-10:  # an exact start (full rank) is kept as it is
         return before, best
-    masks = []  # only this depth's slice moves: the other depths belong to other positions
+    # Only this depth's slice may move (the other depths belong to other positions). Their gradient is zero and
+    # Adam leaves such entries alone, but the mask keeps that true for any optimizer (weight decay would not).
+    masks = []
     for p in params:
         mask = torch.zeros(p.shape[0], *([1] * (p.dim() - 1)))
         mask[depth] = 1
@@ -351,6 +354,7 @@ def _train_position(call, layer: nn.Module, depth: int, inputs: list[torch.Tenso
 
 
 def _freeze(student: nn.Module) -> None:
+    """Eval mode (no dropout) and no gradients anywhere: reconstruction trains one position's slice at a time."""
     student.train(False)
     for p in student.parameters():  # _train_position unfreezes one position's parameters at a time
         p.requires_grad_(False)
