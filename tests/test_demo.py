@@ -79,3 +79,13 @@ def test_sigint_mid_demo_stops_everything_it_started(tmp_path):
     time.sleep(1)
     left = _ours(owner, temp_dir)
     assert not left, f"processes left: {[(p.pid, p.name()) for p in left]}"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "llama-7b"], "--model 'llama-7b' is not a packaged model; allowed: smollm2-135m"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+])
+def test_bad_demo_arguments_exit_2_with_one_line(argv, message):
+    done = subprocess.run([sys.executable, str(REPO / "jobs" / "demo.py"), *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [f"demo: error: {message}"]

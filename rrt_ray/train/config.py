@@ -50,6 +50,9 @@ class ModelConfig:
         without config.json but with a "latest" marker (a published root) resolves to its latest entry.
     loops, sharing, init, lora_rank, lora_init: conversion options (`rrt convert`); lora_rank is 0 (plain
         recursive), a rank, or "full" (exact reproduction of the teacher at step 0).
+    calibrate: calibration sequences of the conversion (`rrt convert --calibrate N`: activation-aware SVD and
+        shared init fitted on the training split with the converter's default options); 0: the paper's plain SVD.
+        On a real model this is the difference between starting at perplexity ~10^6 and ~10^2.
     gradient_checkpointing: recompute activations in the backward pass (memory for time).
     """
 
@@ -60,6 +63,7 @@ class ModelConfig:
     init: str = "average"
     lora_rank: int | str = 0
     lora_init: str = "svd"
+    calibrate: int = 0
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -68,6 +72,7 @@ class ModelConfig:
         from rrt_ray.models.layer_map import SHARING_MODES
 
         _require(self.loops >= 1, f"model.loops must be >= 1, got {self.loops}")
+        _require(self.calibrate >= 0, f"model.calibrate must be >= 0 (calibration sequences; 0: plain SVD), got {self.calibrate}")
         _require(self.sharing in SHARING_MODES, f"model.sharing {self.sharing!r} is not one of {SHARING_MODES.allowed()}")
         _require(self.init in INIT_STRATEGIES, f"model.init {self.init!r} is not one of {INIT_STRATEGIES.allowed()}")
         _require(self.lora_init in LORA_INITS, f"model.lora_init {self.lora_init!r} is not one of {LORA_INITS.allowed()}")

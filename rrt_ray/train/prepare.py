@@ -121,6 +121,8 @@ def convert_teacher(cfg: TrainConfig, log=print) -> str:
 
     model = cfg.model
     options = {"loops": model.loops, "sharing": model.sharing, "init": model.init, "lora_rank": model.lora_rank, "lora_init": model.lora_init}
+    if model.calibrate:  # the training split of the default corpus, as `rrt convert --calibrate N` (never the held-out one)
+        options["calibration"] = {"sequences": model.calibrate}
     key = hashlib.sha256((_teacher_fingerprint(model.teacher) + json.dumps(options, sort_keys=True)).encode()).hexdigest()[:16]
     out = Path(cfg.run.workdir).expanduser().resolve() / f"converted-{key}"
     if (out / "config.json").is_file():

@@ -36,3 +36,20 @@ def test_hub_id_guess_is_the_converters(monkeypatch):
     assert resolve_model("org/model", "model.teacher") == "org/model"
     with pytest.raises(ValueError, match="does not exist"):
         resolve_model("./org/model", "model.teacher")
+
+
+def test_model_calibrate_converts_the_teacher_calibrated_and_caches_it_apart(make_config, tmp_path):
+    """model.calibrate=N is `rrt convert --calibrate N`: its own cached conversion, with N in the provenance."""
+    import json
+    from pathlib import Path
+
+    from rrt_ray.train.prepare import convert_teacher
+
+    converted = {}
+    for n in (0, 2):
+        cfg = make_config("model.student=", f"model.calibrate={n}", "model.lora_rank=4", f"run.workdir={tmp_path / 'work'}")
+        out = convert_teacher(cfg, log=lambda line: None)
+        converted[n] = json.loads((Path(out) / "config.json").read_text())["provenance"]["conversion"]["calibration"]
+    assert converted[0]["sequences"] == 0 and converted[2]["sequences"] == 2, converted
+    with pytest.raises(ValueError, match=r"model.calibrate must be >= 0.*got -1"):
+        make_config("model.calibrate=-1")
