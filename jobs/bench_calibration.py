@@ -40,7 +40,8 @@ ARMS = {  # name -> (convert options over BASE, calibration options over quality
     "corrected-damp1e-3": ({}, {"inputs": "recursive_corrected", "damping": 1e-3}),
     "corrected-128seq": ({}, {"inputs": "recursive_corrected", "sequences": 128}),
     "corrected-r128": ({"lora_rank": 128}, {"inputs": "recursive_corrected"}),
-    "corrected-recon": ({}, {"inputs": "recursive_corrected", "reconstruct": True, "reconstruct_steps": 10}),
+    "corrected-recon": ({}, {"inputs": "recursive_corrected", "reconstruct": True}),
+    "corrected-recon-lr3e-4": ({}, {"inputs": "recursive_corrected", "reconstruct": True, "reconstruct_steps": 10, "reconstruct_lr": 3e-4}),
 }
 
 
@@ -58,6 +59,18 @@ def _memoized_stats():
         return cache[key]
 
     return stats
+
+
+def _logged_calibrate_dir(errors: dict):
+    """calibrate_dir with a per-position log line (elapsed seconds first), its errors kept for the row."""
+    real, started = calibrate.calibrate_dir, time.perf_counter()
+
+    def calibrate_dir(*args, **kwargs):
+        log = lambda line: print(f"[{time.perf_counter() - started:7.1f} s] {line}", flush=True)  # noqa: E731
+        errors.update(real(*args, log=log, **kwargs))
+        return errors
+
+    return calibrate_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         options = {**BASE, **options}
         if calibration is not None:
             options["calibration"] = {**quality.CALIBRATION, **calibration}
-        started = time.perf_counter()
+        started, errors = time.perf_counter(), {}
+        convert.calibrate_dir = _logged_calibrate_dir(errors)
         out = Path(args.workdir) / name
         convert.convert_checkpoint(args.teacher, str(out), overwrite=True, progress=False, **options)
         convert_s = time.perf_counter() - started
@@ -93,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         row = {"arm": name, "options": options, "ppl": ppl, "windows": args.windows, "convert_s": round(convert_s, 1),
                "eval_s": round(time.perf_counter() - started - convert_s, 1), "threads": torch.get_num_threads(),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load": os.getloadavg()[0]}
+        if errors:  # reconstruction's relative error per position, (before, after) training
+            row["reconstruct_error"] = {str(k): [round(b, 5), round(a, 5)] for k, (b, a) in errors.items()}
         print(json.dumps(row), flush=True)
         with open(args.results, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -46,7 +46,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=tuple(DTYPES), default=default["dtype"], help="storage dtype of the output (default: %(default)s)")
     p.add_argument("--calibrate", type=int, default=CalibrationSpec().sequences, metavar="N", help="activation-aware SVD and shared init from N training-split sequences (default %(default)s: plain SVD)")
     p.add_argument("--calibrate-inputs", choices=tuple(CALIBRATION_INPUTS), default=CalibrationSpec().inputs, help="with --calibrate: whose activations fit each position's LoRA: " + "; ".join(f"{k}: {v}" for k, v in CALIBRATION_INPUTS.items()) + " (default: %(default)s)")
-    p.add_argument("--reconstruct", action="store_true", help="with --calibrate: layer-wise reconstruction of each position's LoRA and norms")
+    p.add_argument("--reconstruct", action="store_true", help="with --calibrate: layer-wise reconstruction of each position's LoRA and norms (in execution order on the recursive model's own hidden states, unless --calibrate-inputs original)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_convert)

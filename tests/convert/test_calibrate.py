@@ -127,29 +127,121 @@ def _logits(model_dir, ids):
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()(ids).logits
 
 
-def test_calibrated_conversion_is_exact_at_full_rank_and_reconstruction_helps_at_low_rank(tiny_src, tmp_path, monkeypatch):
+def _corpus(tmp_path) -> str:
+    """A small training split of real text: fast to tokenise."""
     import sysconfig
 
-    from rrt_ray.convert import calibrate, convert_checkpoint
-
-    src, original = tiny_src
-    corpus = tmp_path / "corpus"  # a small training split of real text: fast to tokenise
+    corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i, path in enumerate(sorted((Path(sysconfig.get_paths()["stdlib"]) / "json").glob("*.py"))):
         (corpus / f"doc{i}.txt").write_text(path.read_text())
-    calibration = {"sequences": 4, "seq_len": 32, "data": str(corpus), "reconstruct": True, "reconstruct_steps": 20}
+    return str(corpus)
+
+
+def _spy_on_training(monkeypatch) -> list[dict]:
+    """Record every position's reconstruction: what it trained on and its relative error before and after."""
+    from rrt_ray.convert import calibrate
+
+    calls, real = [], calibrate._train_position
+
+    def spy(call, layer, depth, inputs, targets, kwargs, spec):
+        before, after = real(call, layer, depth, inputs, targets, kwargs, spec)
+        calls.append({"inputs": inputs, "targets": targets, "kwargs": kwargs, "before": before, "after": after})
+        return before, after
+
+    monkeypatch.setattr(calibrate, "_train_position", spy)
+    return calls
+
+
+@pytest.mark.parametrize("inputs", ["original", "recursive", "recursive_corrected"])
+def test_reconstruction_is_exact_at_full_rank_and_never_ends_worse_at_low_rank(tiny_src, tmp_path, monkeypatch, inputs):
+    from rrt_ray.convert import convert_checkpoint
+
+    src, original = tiny_src
+    calibration = {"sequences": 4, "seq_len": 32, "data": _corpus(tmp_path), "inputs": inputs, "reconstruct": True, "reconstruct_steps": 20, "sequences": 32, "batch_size": 8}
     ids = torch.randint(0, TOKENIZER_VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         reference = original(ids).logits
     convert_checkpoint(str(src), str(tmp_path / "full"), loops=2, lora_rank="full", calibration=calibration, progress=False)
     assert (_logits(tmp_path / "full", ids) - reference).abs().max().item() < 1e-4
 
-    errors = {}
-    real = calibrate.reconstruct
-    monkeypatch.setattr(calibrate, "reconstruct", lambda *a, **k: errors.update(real(*a, **k)) or errors)
+    calls = _spy_on_training(monkeypatch)
     convert_checkpoint(str(src), str(tmp_path / "r2"), loops=2, lora_rank=2, calibration=calibration, progress=False)
-    assert len(errors) == 4 and all(after <= before for before, after in errors.values())
-    assert sum(after for _, after in errors.values()) < 0.9 * sum(before for before, _ in errors.values())
+    assert len(calls) == 4 and all(c["after"] <= c["before"] for c in calls)
+    calls.clear()  # a learning rate that overshoots: the best parameters seen are kept, never worse than the start
+    convert_checkpoint(str(src), str(tmp_path / "r2-lr"), loops=2, lora_rank=2, calibration={**calibration, "reconstruct_lr": 3.0}, progress=False)
+    assert len(calls) == 4 and all(c["after"] <= c["before"] for c in calls)
+
+
+def test_training_a_position_moves_only_its_depth_and_generalises_to_the_held_out_batch(tiny_src, tmp_path):
+    """Targets the position can reach (its own output with a perturbed LoRA): training on the first batches
+    must bring the error on the held-out one well down, and touch neither W' nor the other depth's slice."""
+    from transformers import AutoModelForCausalLM
+
+    from rrt_ray.convert import calibrate, convert_checkpoint
+
+    src, original = tiny_src
+    convert_checkpoint(str(src), str(tmp_path / "r2"), loops=2, lora_rank=2, progress=False)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "r2", dtype=torch.float32).eval()
+    spec = CalibrationSpec(sequences=16, seq_len=32, batch_size=4, reconstruct=True, reconstruct_steps=30, reconstruct_lr=1e-2)
+    stats = original_stats(original, torch.randint(0, TOKENIZER_VOCAB, (16, 32), generator=torch.Generator().manual_seed(5)), spec)
+    calibrate._freeze(student)
+    unrolled, position = student.unrolled_layers, student.unrolled_layers.positions[2]  # shared layer 0, depth 1
+    call, layer = unrolled[2], unrolled.shared[0]
+    inputs, kwargs = stats.hidden_in[2], stats.call_kwargs[2]  # 4 batches: 3 to train on, 1 held out
+    params = calibrate._position_parameters(layer)
+    start = [p.detach().clone() for p in params]
+    frozen = {name: p.detach().clone() for name, p in layer.named_parameters() if all(p is not q for q in params)}
+    with torch.no_grad():
+        for p in params:  # the targets: this depth's parameters moved by ~30% of their size
+            p.data[1] += 0.3 * p.data[1].std() * torch.randn(p.data[1].shape, generator=torch.Generator().manual_seed(6))
+        targets = [call(h, **kw) for h, kw in zip(inputs, kwargs)]
+        for p, s in zip(params, start):
+            p.data.copy_(s)
+    trained_on = []  # which batches went through the layer with gradients on
+
+    def recording_call(h, **kw):
+        if torch.is_grad_enabled():
+            trained_on.extend(i for i, x in enumerate(inputs) if x is h)
+        return call(h, **kw)
+
+    before, after = calibrate._train_position(recording_call, layer, position.depth, inputs, targets, kwargs, spec)
+    assert sorted(set(trained_on)) == [0, 1, 2]  # the last batch only judges
+    assert after < 0.5 * before, (before, after)  # a no-op keeps 1.0 (seen 0.18)
+    for p, s in zip(params, start):
+        torch.testing.assert_close(p.detach()[0], s[0], rtol=0, atol=0)  # depth 0 belongs to position 0
+    for name, p in layer.named_parameters():
+        if name in frozen:
+            torch.testing.assert_close(p.detach(), frozen[name], rtol=0, atol=0)  # W' stays frozen
+
+
+@pytest.mark.parametrize("inputs", ["recursive", "recursive_corrected"])
+def test_sequential_reconstruction_trains_each_position_on_the_recursive_models_own_hidden_state(tiny_src, tmp_path, monkeypatch, inputs):
+    """Position l is reconstructed on the hidden state the FINAL recursive model produces before l (positions
+    0..l-1 calibrated and reconstructed), not on the original's, towards the original layer l's output: on the
+    original's hidden state (recursive_corrected) or on the recursive one (recursive)."""
+    from transformers import AutoModelForCausalLM
+
+    from rrt_ray.convert import convert_checkpoint
+
+    src, original = tiny_src
+    calibration = {"sequences": 4, "seq_len": 32, "data": _corpus(tmp_path), "inputs": inputs, "reconstruct": True, "reconstruct_steps": 20, "sequences": 32, "batch_size": 8}
+    calls = _spy_on_training(monkeypatch)
+    convert_checkpoint(str(src), str(tmp_path / "r2"), loops=2, lora_rank=2, calibration=calibration, progress=False)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "r2", dtype=torch.float32).eval()
+    assert len(calls) == 4
+    with torch.no_grad():
+        recursive, teacher = calls[0]["inputs"][0], calls[0]["inputs"][0]  # (b, L, d): the embeddings, shared
+        for position, call in enumerate(calls):
+            kwargs = call["kwargs"][0]
+            # tolerance: fp32 layers of O(1) activations, the same ops in the same order (seen ~1e-6)
+            torch.testing.assert_close(call["inputs"][0], recursive, rtol=0, atol=1e-5)
+            target = original.model.layers[position](teacher if inputs == "recursive_corrected" else recursive, **kwargs)
+            torch.testing.assert_close(call["targets"][0], target, rtol=0, atol=1e-5)
+            if position > 0:  # the models have drifted apart far beyond the tolerance: the check can tell them apart
+                assert (recursive - teacher).abs().max().item() > 100 * 1e-5
+            recursive = student.unrolled_layers[position](recursive, **kwargs)
+            teacher = original.model.layers[position](teacher, **kwargs)
 
 
 def test_reconstruct_without_calibrate_exits_2(tiny_src, tmp_path, capsys):
@@ -194,18 +286,12 @@ def test_corrected_residual_is_the_least_squares_optimum_and_its_truncation_beat
 
 @pytest.mark.parametrize("inputs", ["recursive", "recursive_corrected"])
 def test_sequential_calibration_is_exact_at_full_rank_and_refits_at_low_rank(tiny_src, tmp_path, inputs):
-    import sysconfig
-
     from safetensors.torch import load_file
 
     from rrt_ray.convert import convert_checkpoint
 
     src, original = tiny_src
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i, path in enumerate(sorted((Path(sysconfig.get_paths()["stdlib"]) / "json").glob("*.py"))):
-        (corpus / f"doc{i}.txt").write_text(path.read_text())
-    calibration = {"sequences": 4, "seq_len": 32, "data": str(corpus)}
+    calibration = {"sequences": 4, "seq_len": 32, "data": _corpus(tmp_path)}
     ids = torch.randint(0, TOKENIZER_VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         reference = original(ids).logits
