@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(rows: list[dict], args: argparse.Namespace, argv: list[str] | None) -> None:
-    machine = f"{platform.node()}, {os.cpu_count()} cores shared by six engineers (load average ~20: noisy), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    load = os.getloadavg()[0]  # perplexities do not depend on it; the convert/eval seconds do
+    machine = f"{platform.node()}, {os.cpu_count()} cores (load average {load:.1f} when written), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
     flags = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
     command = "python jobs/bench_quality.py " + " ".join(flags)
     order = {a.name: i for i, a in enumerate(quality.conversion_arms())}

@@ -24,6 +24,9 @@ CALIBRATION = {"sequences": 32, "seq_len": SEQ_LEN, "inputs": "original"}
 # (a) fitted in order on the recursive model's own inputs, correcting the drift (calibrate.py; the default)
 SEQUENTIAL = {**CALIBRATION, "inputs": "recursive_corrected"}
 RECONSTRUCTION = {**CALIBRATION, "reconstruct": True, "reconstruct_steps": 10}
+# (a)+(b) as the converter defaults now do it: drift-corrected inputs, positions reconstructed in order, each judged
+# on a held-out calibration batch (calibrate.py)
+SEQ_RECONSTRUCTION = {**SEQUENTIAL, "reconstruct": True}
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ def conversion_arms() -> list[Arm]:
     arms.append(Arm("avg-r64-calib", "conversion", {"loops": 2, "init": "average", "lora_rank": 64, "calibration": CALIBRATION}))
     arms.append(Arm("avg-r64-calib-seq", "conversion", {"loops": 2, "init": "average", "lora_rank": 64, "calibration": SEQUENTIAL}))
     arms.append(Arm("avg-r64-calib-recon", "conversion", {"loops": 2, "init": "average", "lora_rank": 64, "calibration": RECONSTRUCTION}))
+    arms.append(Arm("avg-r64-calib-seq-recon", "conversion", {"loops": 2, "init": "average", "lora_rank": 64, "calibration": SEQ_RECONSTRUCTION}))
     arms.append(Arm("avg-r128", "conversion", {"loops": 2, "init": "average", "lora_rank": 128}))
     arms.append(Arm("avg-r128-calib", "conversion", {"loops": 2, "init": "average", "lora_rank": 128, "calibration": CALIBRATION}))
     for init in ("stepwise", "lower"):
@@ -126,6 +130,7 @@ COMPARISONS = (  # (what, baseline arm, arm): a finding is written only when bot
     ("(a) on the recursive model's own inputs, drift-corrected, rank 64", "avg-r64-calib", "avg-r64-calib-seq"),
     ("(a) on the recursive model's own inputs, drift-corrected, rank 128", "avg-r128-calib", "avg-r128-calib-seq"),
     ("layer-wise reconstruction on top of (a), rank 64", "avg-r64-calib", "avg-r64-calib-recon"),
+    ("sequential layer-wise reconstruction on top of drift-corrected (a), rank 64", "avg-r64-calib-seq", "avg-r64-calib-seq-recon"),
     ("activation-aware SVD + weighted init (a), rank 128", "avg-r128", "avg-r128-calib"),
     ("layer-wise reconstruction on top of (a), rank 128", "avg-r128-calib", "avg-r128-calib-recon"),
     ("rank 64 -> 128 (plain SVD, average)", "avg-r64", "avg-r128"),
