@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "jobs" / "configs"
 # Seconds per stage, sized for 2 idle cores with the teacher cached (pretraining fresh: ~3 min more).
 BUDGETS = {"ray head": 45, "teacher": 240, "convert": 45, "uptrain": 200, "tune": 200, "early exit": 120, "evaluate": 45, "serve": 120}
-QUICK = {"steps": 4, "tune_tokens": 8192, "exit_steps": 4}
-FULL = {"steps": None, "tune_tokens": 16384, "exit_steps": 30}
+# calibrate: model.calibrate of the conversion; eval_batches: held-out batches per evaluation (None: the whole split)
+QUICK = {"steps": 4, "tune_tokens": 8192, "exit_steps": 4, "calibrate": 0, "eval_batches": None}
+FULL = {"steps": None, "tune_tokens": 16384, "exit_steps": 30, "calibrate": 0, "eval_batches": None}
 # A real packaged model (--model, `rrt fetch`): ~20 minutes on 2 cores. Its plain-SVD conversion starts at perplexity
 # ~10^6, so it is calibrated; a few uptraining steps (a 135M teacher + student per worker: ~100 tokens/s); no sweep.
 REAL = {"steps": 4, "tune_tokens": None, "exit_steps": 4, "calibrate": 8, "eval_batches": 4}
@@ -56,7 +57,7 @@ def pipeline(args, sizes, stages, head, work: Path) -> None:
 
     n = args.steps or sizes["steps"]
     steps = [f"optim.max_steps={n}", f"optim.warmup_steps={min(10, n // 4)}", f"run.eval_every={n}", f"run.checkpoint_every={n}"] if n else []
-    steps += [f"model.calibrate={sizes['calibrate']}", f"data.eval_batches={sizes['eval_batches']}"] if args.model else []
+    steps += [f"model.calibrate={sizes['calibrate']}"] + ([f"data.eval_batches={sizes['eval_batches']}"] if sizes["eval_batches"] else [])
     cfg = preflight(TrainConfig.load(str(CONFIGS / "demo.yaml"), [f"model.teacher={teacher}", f"run.output={work / 'uptrained'}", *paths, *steps]))
     cfg.model.student = stages.run("convert", lambda: convert_teacher(cfg, log=log))
 
@@ -97,15 +98,14 @@ def _after_sweep(args, sizes, stages, head, work: Path, paths, teacher, cfg, upt
         ee = preflight(TrainConfig.load(str(CONFIGS / "demo_early_exit.yaml"), [
             f"model.teacher={teacher}", f"model.student={winner}", f"optim.max_steps={sizes['exit_steps']}", "optim.warmup_steps=2",
             f"run.output={work / 'early-exit'}", f"run.name=early-exit-{int(time.time())}", *paths,
-            *([f"data.eval_batches={sizes['eval_batches']}"] if args.model else [])]))
+            *([f"data.eval_batches={sizes['eval_batches']}"] if sizes["eval_batches"] else [])]))
         exit_model = stages.run("early exit", lambda: fit(ee))["export_uri"]
 
     heldout = data.tokenize_cached(data.load_texts(cfg.data.source, "heldout", cfg.data.max_bytes),
                                    AutoTokenizer.from_pretrained(resolve_model(teacher, 'teacher')), cfg.data.cache_dir)
     candidates = [("teacher (original)", teacher), (f"converted, {cfg.model.loops} loops, rank {cfg.model.lora_rank}", cfg.model.student),
                   ("uptrained with KD (ray job)", uptrain["export_uri"]), ("tune winner", best), ("winner + early exit", exit_model)]
-    limit = sizes.get("eval_batches") if args.model else None  # a 135M model over the whole held-out split: too long
-    models = stages.run("evaluate", lambda: [(name, *stage_lib.heldout_ppl(resolve_model(uri, name), heldout, cfg.data.seq_len, limit))
+    models = stages.run("evaluate", lambda: [(name, *stage_lib.heldout_ppl(resolve_model(uri, name), heldout, cfg.data.seq_len, sizes["eval_batches"]))
                                              for name, uri in candidates if uri])
 
     ray.shutdown()  # the launcher connects on its own
@@ -118,20 +118,19 @@ def _after_sweep(args, sizes, stages, head, work: Path, paths, teacher, cfg, upt
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rrt_ray.convert.fetch import PACKAGED_MODELS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny budgets everywhere (a smoke run, used by the tests)")
     parser.add_argument("--steps", type=int, default=None, help="uptraining steps (default: jobs/configs/demo.yaml)")
     parser.add_argument("--workdir", default="out/demo", help="where the teacher, students, runs and sweep go")
     parser.add_argument("--teacher-root", default=None, help="a published teacher root to reuse (default: <workdir>/teacher)")
-    parser.add_argument("--model", default=None, help="a packaged real model as the teacher instead of the demo's "
-                        "(`rrt fetch` names: smollm2-135m); calibrated conversion, a few steps, no sweep, ~20 min")
+    parser.add_argument("--model", default=None, help=f"a packaged real model as the teacher instead of the demo's "
+                        f"({', '.join(PACKAGED_MODELS)}); calibrated conversion, a few steps, no sweep, ~20 min")
     args = parser.parse_args(argv)
-    if args.model is not None:
-        from rrt_ray.convert.fetch import PACKAGED_MODELS
-
-        if args.model not in PACKAGED_MODELS:
-            print(f"demo: error: --model {args.model!r} is not a packaged model; allowed: {', '.join(PACKAGED_MODELS)}", file=sys.stderr)
-            return 2
+    if args.model is not None and args.model not in PACKAGED_MODELS:
+        print(f"demo: error: --model {args.model!r} is not a packaged model; allowed: {', '.join(PACKAGED_MODELS)}", file=sys.stderr)
+        return 2
     if args.steps is not None and args.steps < 1:
         print(f"demo: error: --steps must be >= 1, got {args.steps}", file=sys.stderr)
         return 2

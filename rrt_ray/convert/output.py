@@ -40,6 +40,6 @@ def write_atomically(out_path: Path, write: Callable[[Path], None]) -> None:
         if out_path.exists():
             shutil.rmtree(out_path)
         os.replace(tmp, out_path)
-    except BaseException:
+    except BaseException:  # any failure, Ctrl-C included: drop the partial copy, then re-raise
         shutil.rmtree(tmp, ignore_errors=True)
         raise
