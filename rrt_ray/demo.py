@@ -102,7 +102,7 @@ class RayHead:
             done = subprocess.run(command, capture_output=True, text=True, timeout=240)
             if done.returncode == 0:
                 break
-            kill_owned(self.owner, grace_s=5.0)
+            kill_owned(self.owner, grace_s=5.0, temp_dir=self.temp_dir)
             reason = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
             print(f"[demo] ray start --head attempt {attempt}/{attempts} failed: {reason[0][:200]}", flush=True)
         else:
@@ -116,8 +116,8 @@ class RayHead:
 
         if ray.is_initialized():
             ray.shutdown()
-        kill_owned(self.owner, grace_s=5.0)
-        left = [proc.pid for proc in owned_processes(self.owner)]
+        kill_owned(self.owner, grace_s=5.0, temp_dir=self.temp_dir)
+        left = [proc.pid for proc in owned_processes(self.owner, self.temp_dir)]
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         return left
 

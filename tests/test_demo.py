@@ -1,9 +1,9 @@
 """`make demo` interrupted with Ctrl-C in the middle (while the teacher pretrains on Ray Train workers)
 exits promptly and leaves none of the Ray processes it started (issue 14 item 3).
 
-The demo's processes are found two ways: the owner marker in their environment (the demo's head and
-everything under it inherit RRT_SERVE_OWNER, which the test chooses) and the demo's private Ray temp
-dir in their command lines.
+The demo's processes are found three ways: the owner marker in their environment (the demo's head and
+everything under it inherit RRT_SERVE_OWNER, which the test chooses), files they hold under the demo's
+private Ray temp dir (Ray's renaming can blank the marker) and that temp dir in their command lines.
 """
 
 from __future__ import annotations
@@ -20,18 +20,21 @@ from pathlib import Path
 import psutil
 import pytest
 
+from rrt_ray.serve.launch import owned_processes
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _ours(owner: str, temp_dir: str | None) -> list[psutil.Process]:
-    found = []
+    # The launcher's own finder (owner marker, files under the temp dir) plus the temp dir in command lines.
+    found = {p.pid: p for p in owned_processes(owner, temp_dir)}
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if proc.environ().get("RRT_SERVE_OWNER") == owner or (temp_dir and any(temp_dir in a for a in proc.info["cmdline"] or [])):
-                found.append(proc)
+            if temp_dir and any(temp_dir in a for a in proc.info["cmdline"] or []):
+                found[proc.pid] = proc
         except (psutil.Error, OSError):
             continue
-    return found
+    return list(found.values())
 
 
 def _read_until(proc: subprocess.Popen, pattern: str, timeout: float, seen: list[str]) -> re.Match:

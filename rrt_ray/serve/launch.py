@@ -51,10 +51,41 @@ def _ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def owned_processes(owner: str) -> list:
-    """psutil processes (other than this one) whose environment carries OWNER_ENV=owner."""
+def environ(proc) -> dict[str, str]:
+    """A psutil process's environment, as far as /proc still shows it. Ray names its processes
+    ("ray::DashboardAgent") by writing over the memory that held argv and the environment: the start of
+    /proc/PID/environ is blanked (all of it, for a small environment), and psutil's parser stops at the first
+    empty entry and returns {}. Read the raw block and skip the blanks; see `owned_processes` for the rest."""
+    try:
+        with open(f"/proc/{proc.pid}/environ", "rb") as block:
+            raw = block.read()
+    except FileNotFoundError:  # no /proc (macOS): psutil asks the kernel another way
+        return proc.environ()
+    return dict(entry.split("=", 1) for entry in raw.decode(errors="replace").split("\0") if "=" in entry)
+
+
+def _holds_file_under(proc, temp_dir: str) -> bool:
+    # Every Ray process keeps its log files open under the cluster's --temp-dir. /proc/PID/fd still names
+    # them once the dir is removed ("... (deleted)"), where psutil's open_files() no longer lists them.
+    fd_dir = f"/proc/{proc.pid}/fd"
+    if not os.path.isdir(fd_dir):  # no /proc (macOS)
+        return any(f.path.startswith(temp_dir) for f in proc.open_files())
+    for fd in os.listdir(fd_dir):
+        try:
+            if os.readlink(os.path.join(fd_dir, fd)).startswith(temp_dir):
+                return True
+        except OSError:  # closed meanwhile
+            continue
+    return False
+
+
+def owned_processes(owner: str, temp_dir: str | None = None) -> list:
+    """psutil processes (other than this one) that carry OWNER_ENV=owner in their environment or, when the
+    cluster's private `temp_dir` is given, hold a file under it: a renamed Ray process may have lost the
+    marker (see `environ`), never its log files."""
     import psutil
 
+    temp_dir = temp_dir and os.path.join(os.path.realpath(temp_dir), "")
     found = []
     for proc in psutil.process_iter(["pid"]):
         if proc.pid == os.getpid():
@@ -63,17 +94,17 @@ def owned_processes(owner: str) -> list:
             # A zombie has exited and holds nothing; this sandbox's init reaps orphans late.
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
-            if proc.environ().get(OWNER_ENV) == owner:
+            if environ(proc).get(OWNER_ENV) == owner or (temp_dir and _holds_file_under(proc, temp_dir)):
                 found.append(proc)
         except (psutil.Error, OSError):  # gone, or another user's process
             continue
     return found
 
 
-def kill_owned(owner: str, grace_s: float = 2.0) -> None:
+def kill_owned(owner: str, grace_s: float = 2.0, temp_dir: str | None = None) -> None:
     import psutil
 
-    procs = owned_processes(owner)
+    procs = owned_processes(owner, temp_dir)
     for proc in procs:
         try:
             proc.terminate()
@@ -180,8 +211,8 @@ class ServeLauncher:
         # What is left of ours (never another cluster's processes), swept until none is left: while the raylet
         # or the Serve controller still lives it can start a replica or worker in the middle of a sweep.
         deadline, grace = time.monotonic() + 5.0, 1.5
-        while owned_processes(self.owner) and time.monotonic() < deadline:
-            kill_owned(self.owner, grace_s=grace)
+        while owned_processes(self.owner, self._temp_dir) and time.monotonic() < deadline:
+            kill_owned(self.owner, grace_s=grace, temp_dir=self._temp_dir)
             grace = 0.5
             time.sleep(0.2)
         if self._temp_dir:

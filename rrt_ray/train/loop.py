@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from rrt_ray.evaluation import loss_totals, perplexity_of
 from rrt_ray.train.config import TrainConfig
+from rrt_ray.train.extensions import clear_stale_build_locks
 from rrt_ray.models import RecursiveForCausalLM
 from rrt_ray.models.early_exit import early_exit_loss, freeze_backbone, loop_exit_logits
 from rrt_ray.train.losses import combined_loss, cross_entropy
@@ -256,6 +257,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int) -> t
     """(DeepSpeed engine, LR scheduler): AdamW plus the configured schedule, stepped by DeepSpeed."""
     import deepspeed
 
+    clear_stale_build_locks()  # else a build killed in an earlier run hangs deepspeed.initialize forever
     optimizer = build_optimizer(model, cfg)
     schedule = lr_multiplier(cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.max_steps, cfg.optim.min_lr_ratio, cfg.optim.decay_fraction)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
