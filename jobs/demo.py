@@ -22,8 +22,10 @@ for _sig in (signal.SIGINT, signal.SIGTERM):  # before the slow imports: either 
     signal.signal(_sig, signal.default_int_handler)
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "jobs" / "configs"
-# Seconds per stage, sized for 2 idle cores with the teacher cached (pretraining fresh: ~3 min more).
-BUDGETS = {"ray head": 45, "teacher": 240, "convert": 45, "uptrain": 200, "tune": 200, "early exit": 120, "evaluate": 45, "serve": 120}
+# Seconds per stage on 2 idle cores. Measured 2026-12-01 with the teacher cached (results/demo_timing.md): ray head
+# 13, convert 2, uptrain 442 (90 s of it building DeepSpeed's shm_comm op, once per machine), tune 173, early exit
+# 112, evaluate 68, serve 29; 14 min 20 s in all. Pretraining the teacher fresh adds ~3 min.
+BUDGETS = {"ray head": 30, "teacher": 240, "convert": 30, "uptrain": 360, "tune": 200, "early exit": 120, "evaluate": 75, "serve": 60}
 # calibrate: model.calibrate of the conversion; eval_batches: held-out batches per evaluation (None: the whole split)
 QUICK = {"steps": 4, "tune_tokens": 8192, "exit_steps": 4, "calibrate": 0, "eval_batches": None}
 FULL = {"steps": None, "tune_tokens": 16384, "exit_steps": 30, "calibrate": 0, "eval_batches": None}
