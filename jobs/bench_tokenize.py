@@ -200,7 +200,7 @@ def write_results(args, size, tokens, arms, memory) -> None:
     lines = [
         "# bench_tokenize: Ray Data tokenisation vs one process; worker RSS from a token set vs in memory", "",
         f"Command: `python jobs/bench_tokenize.py --tokenizer {args.tokenizer} --repeat {args.repeat}`",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, shared with other engineers' runs; "
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, the load column shows what else ran; "
         f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
         f"Corpus: the default corpus repeated {args.repeat} times, {size / 1e6:.1f} MB, {tokens:,} tokens. "
         "Ray arms include starting the actors and writing shards + manifest; all arms one tokenizer thread each. "
