@@ -25,6 +25,10 @@ def _numbers(flag: str, text: str, kind=float) -> tuple:
         raise ValueError(f"{flag} must be comma-separated {kind.__name__}s, got {text!r}") from None
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="the original Hugging Face model directory (with its tokenizer)")
@@ -38,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thresholds", default="0.9,0.7,0.5,0.3,0.1", help="comma-separated exit thresholds in [0, 1) for the (d) setups")
     parser.add_argument("--exit-rule", default="confidence", help="exit rule of the (d) setups: confidence or classifier")
     parser.add_argument("--weights", default="merged", help="weights of the (d) and (e) setups: lora or merged")
-    parser.add_argument("--draft-tokens", default="4", help="comma-separated draft lengths, one (e) setup each")
+    parser.add_argument("--draft-tokens", default="4", help="comma-separated draft lengths, one (e) setup each per schedule")
+    parser.add_argument("--draft-schedules", default="constant,heuristic", help="comma-separated (e) draft schedules: constant (setup eK) and heuristic (setup 'eK adaptive')")
+    parser.add_argument("--setups", default="", help="comma-separated setup keys to run, e.g. 'c merged,e4 adaptive' (default: all)")
     parser.add_argument("--profile", action="store_true", help="rerun each engine setup once under the step profiler")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds per setup; each keeps its best")
     parser.add_argument("--kv-fill", default="propagate", choices=("propagate", "share"), help="how exited tokens fill deeper loops' keys/values")
@@ -58,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model, recursive=args.recursive, loops=args.loops, lora_rank=args.lora_rank, init=args.init,
             num_requests=args.num_requests, concurrency=args.concurrency, repeats=args.repeats, kv_fill=args.kv_fill,
             thresholds=_numbers("--thresholds", args.thresholds), torch_threads=args.threads,
-            loads=tuple(t.strip() for t in args.loads.split(",") if t.strip()), weights=args.weights, exit_rule=args.exit_rule,
+            loads=_names(args.loads), weights=args.weights, exit_rule=args.exit_rule,
             draft_tokens=_numbers("--draft-tokens", args.draft_tokens, int), profile=args.profile,
+            draft_schedules=_names(args.draft_schedules), setups=_names(args.setups),
         )
     except ValueError as err:
         print(f"bench_serve: error: {err}", file=sys.stderr)

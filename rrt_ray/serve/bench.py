@@ -36,6 +36,7 @@ from rrt_ray.serve.exit_rules import EXIT_RULES, fit_exit_classifier
 from rrt_ray.serve.profile import CATEGORIES, StepProfiler
 from rrt_ray.serve.runner import WEIGHT_MODES
 from rrt_ray.serve.sampling import SamplingParams
+from rrt_ray.serve.speculative import DRAFT_SCHEDULES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +84,9 @@ class ServeBenchConfig:
     loads: tuple[str, ...] = ("mixed",)  # "mixed" is the four fields above; the others come from LOADS
     weights: str = "merged"  # weights of the (d) and (e) setups
     exit_rule: str = "confidence"  # exit rule of the (d) setups; "classifier" fits one on the request half
-    draft_tokens: tuple[int, ...] = (4,)  # one (e) setup per value
+    draft_tokens: tuple[int, ...] = (4,)  # one (e) setup per value and schedule
+    draft_schedules: tuple[str, ...] = ("constant", "heuristic")  # "e4" drafts 4 every round, "e4 adaptive" up to 4
+    setups: tuple[str, ...] = ()  # setup keys to run ("c merged", "e4 adaptive", ...); empty: all
     profile: bool = False
 
     def __post_init__(self) -> None:
@@ -96,6 +99,11 @@ class ServeBenchConfig:
             raise ValueError(f"exit_rule must be one of {', '.join(EXIT_RULES)}, got {self.exit_rule!r}")
         if any(k < 1 for k in self.draft_tokens):
             raise ValueError(f"draft_tokens must be >= 1, got {self.draft_tokens}")
+        if not self.draft_schedules or any(s not in DRAFT_SCHEDULES for s in self.draft_schedules):
+            raise ValueError(f"draft_schedules must be among {', '.join(DRAFT_SCHEDULES)}, got {self.draft_schedules}")
+        known = [arm.key for arm in _arms(dataclasses.replace(self, setups=()))] if self.setups else []
+        if any(key not in known for key in self.setups):
+            raise ValueError(f"unknown setup(s) {[k for k in self.setups if k not in known]}; allowed: {', '.join(known)}")
         for name in ("num_requests", "concurrency", "eval_sequences", "eval_tokens", "repeats", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -268,10 +276,13 @@ def _arms(cfg: ServeBenchConfig) -> list[Arm]:
     ]
     arms += [Arm(f"d{t}", f"recursive, CDB + early exit @ {t}{rule}, {cfg.weights}", "exit", t) for t in cfg.thresholds]
     arms += [
-        Arm(f"e{k}", f"recursive, self-speculative, {k} drafts, {cfg.weights}", cfg.weights, 1.0, (("exit_mode", "speculative"), ("draft_tokens", k)))
-        for k in cfg.draft_tokens
+        Arm(f"e{k}", f"recursive, self-speculative, {k} drafts, {cfg.weights}", f"{cfg.weights} constant", 1.0, (("exit_mode", "speculative"), ("draft_tokens", k)))
+        if schedule == "constant" else
+        Arm(f"e{k} adaptive", f"recursive, self-speculative, up to {k} drafts (heuristic schedule), {cfg.weights}", cfg.weights, 1.0,
+            (("exit_mode", "speculative"), ("draft_tokens", k)))
+        for k in cfg.draft_tokens for schedule in cfg.draft_schedules
     ]
-    return arms
+    return [arm for arm in arms if not cfg.setups or arm.key in cfg.setups]
 
 
 def _load_models(cfg: ServeBenchConfig, log: Callable[[str], None]):
@@ -301,6 +312,8 @@ def _engines(cfg: ServeBenchConfig, load, recursive_dir: str, max_len: int, clas
 
     engines = {"original": make(cfg.model), "lora": make(recursive_dir), "merged": make(recursive_dir, weights="merged")}
     engines["exit"] = engines[cfg.weights] if cfg.exit_rule == "confidence" else make(recursive_dir, weights=cfg.weights, exit_rule=cfg.exit_rule)
+    if "constant" in cfg.draft_schedules:  # the others use the engine default, the heuristic schedule
+        engines[f"{cfg.weights} constant"] = make(recursive_dir, weights=cfg.weights, draft_schedule="constant")
     return engines
 
 
@@ -384,14 +397,16 @@ def run_benchmark(cfg: ServeBenchConfig, log: Callable[[str], None] = print) -> 
         for arm in arms:
             m = measured[arm.key]
             stats = m["stats"]
-            reference = measured["a" if arm.engine in (None, "original") else "c"]["outputs"]
+            # full depth of the same weights: (a) for the original, (c) (or (c merged), the same tokens) for the rest
+            refs = ("a",) if arm.engine in (None, "original") else ("c", "c merged")
+            reference = next((measured[k]["outputs"] for k in refs if k in measured), None)
             q = quality[arm.key]
             results.append(ArmResult(
                 name=f"({arm.key}) {arm.name}", tokens_per_s=total_tokens / m["wall"],
                 p50_s=_percentile(m["latencies"], 0.5), p99_s=_percentile(m["latencies"], 0.99),
                 mean_exit_loops=statistics.fmean(m["loops"]) if arm.engine not in (None, "original") else float("nan"),
                 perplexity=q["perplexity"], accuracy=q["accuracy"], agreement=q["agreement"],
-                prefix_match=_prefix_match(m["outputs"], reference), outputs=m["outputs"], walls=m["walls"],
+                prefix_match=math.nan if reference is None else _prefix_match(m["outputs"], reference), outputs=m["outputs"], walls=m["walls"],
                 weight_bytes=hf_bytes if arm.engine is None else weight_bytes[arm.engine], steps=stats.get("steps", 0),
                 accepted=stats["accepted_drafts"] / stats["drafted_tokens"] if stats.get("drafted_tokens") else math.nan,
                 profile=m.get("profile"),
@@ -430,11 +445,15 @@ def _rate(tokens_per_s: float) -> str:
     return f"{tokens_per_s:.0f}" if tokens_per_s >= 100 else f"{tokens_per_s:.3g}"
 
 
+def _percent(share: float) -> str:
+    return "-" if math.isnan(share) else f"{100 * share:.1f}%"
+
+
 def load_table(results: list[ArmResult], output_tokens: int) -> list[str]:
     """One load's table: throughput, memory, latency, exits, quality (markdown lines)."""
-    base = results[0]
+    base = results[0]  # (a) unless --setups leaves it out
     lines = [
-        "| setup | tokens/s | vs (a) | weights MB | steps | p50 latency s | p99 latency s | mean exit loops | drafts kept | held-out ppl | next-token acc | agreement | prefix match |",
+        f"| setup | tokens/s | vs {base.name.split(')')[0]}) | weights MB | steps | p50 latency s | p99 latency s | mean exit loops | drafts kept | held-out ppl | next-token acc | agreement | prefix match |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -443,7 +462,7 @@ def load_table(results: list[ArmResult], output_tokens: int) -> list[str]:
         lines.append(
             f"| {r.name} | {_rate(r.tokens_per_s)} | {r.tokens_per_s / base.tokens_per_s:.2f}x | {r.weight_bytes / 1e6:.1f} | {r.steps or '-'} | "
             f"{r.p50_s:.2f} | {r.p99_s:.2f} | {loops} | {kept} | {r.perplexity:.2f} | {100 * r.accuracy:.1f}% | {100 * r.agreement:.1f}% | "
-            f"{100 * r.prefix_match:.1f}% |"
+            f"{_percent(r.prefix_match)} |"
         )
     lines += ["", "Every round's tokens/s: " + "; ".join(f"{r.name.split(')')[0]}) " + ", ".join(_rate(output_tokens / w) for w in r.walls) for r in results) + "."]
     return lines

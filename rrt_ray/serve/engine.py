@@ -55,7 +55,7 @@ from rrt_ray.serve.exit_rules import EXIT_RULES, ExitClassifier
 from rrt_ray.serve.kv_cache import KVPool, Span, StepBatch
 from rrt_ray.serve.runner import WEIGHT_MODES, ModelRunner
 from rrt_ray.serve.sampling import SamplingParams, make_generator, sample_token, token_probs
-from rrt_ray.serve.speculative import accept_greedy, accept_sampled
+from rrt_ray.serve.speculative import DRAFT_SCHEDULES, accept_greedy, accept_sampled, next_draft_length
 
 KV_FILL_MODES: tuple[str, ...] = ("propagate", "share")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -98,6 +98,7 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"
     exit_rule: str = "confidence"
+    draft_schedule: str = "heuristic"
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -116,6 +117,8 @@ class EngineConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
         if self.exit_rule not in EXIT_RULES:
             raise ValueError(f"unknown exit_rule {self.exit_rule!r}; allowed: {', '.join(EXIT_RULES)}")
+        if self.draft_schedule not in DRAFT_SCHEDULES:
+            raise ValueError(f"unknown draft_schedule {self.draft_schedule!r}; allowed: {', '.join(DRAFT_SCHEDULES)}")
 
 
 @dataclass
@@ -169,6 +172,7 @@ class RequestState:
     drafts: list[int] = field(default_factory=list)
     draft_probs: list[torch.Tensor] = field(default_factory=list)  # (V,) each, sampled requests only
     parked: list["_Unit"] = field(default_factory=list)  # draft inputs after loop 1, waiting to verify
+    draft_len: int = 0  # drafts of the next round (EngineConfig.draft_schedule); set on admission
     drafted: int = 0
     accepted: int = 0
 
@@ -284,6 +288,7 @@ class Engine:
         request = RequestState(
             request_id, prompt, params, loop_limit, teacher_ids=teacher_ids,
             generator=None if params.greedy else make_generator(params.seed), prompt_rows_left=len(prompt),
+            draft_len=params.draft_tokens,
         )
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None] * len(prompt)
@@ -515,7 +520,7 @@ class Engine:
             request.drafts.append(token)
             request.parked.append(u)
             u.emits, u.loops_done = False, request.loop_limit  # leaves the batch; its loop-1 state is parked
-            budget = min(params.draft_tokens, params.max_tokens - len(request.output_ids))
+            budget = min(request.draft_len, params.max_tokens - len(request.output_ids))
             ends = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
             if len(request.drafts) < budget and not ends:
                 fresh.append(_Unit(request, u.start + 1, torch.tensor([token], device=self.device), emits=True, kind="draft"))
@@ -543,6 +548,8 @@ class Engine:
                 kept, tokens = accept_sampled(request.drafts, request.draft_probs, rows, request.params, request.generator)
             request.drafted += len(request.drafts)
             request.accepted += kept
+            request.draft_len = next_draft_length(self.config.draft_schedule, request.draft_len, len(request.drafts), kept,
+                                                  request.params.draft_tokens)
             self.stats["drafted_tokens"] += len(request.drafts)
             self.stats["accepted_drafts"] += kept
             request.drafts, request.draft_probs = [], []

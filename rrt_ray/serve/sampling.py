@@ -32,7 +32,8 @@ class SamplingParams:
     exit_mode: "confidence" (exit when the exit rule's score >= exit_threshold: lossy, fastest),
         "speculative" (lossless self-speculative decoding: the loop-1 exit drafts draft_tokens tokens, the
         deeper loops verify them all in one pass; the output is the full-depth model's) or "none" (full depth).
-    draft_tokens: tokens drafted per speculative round (>= 1).
+    draft_tokens: tokens drafted per speculative round (>= 1); with EngineConfig.draft_schedule "heuristic" (the
+        default), at most that many: fewer while the full-depth model rejects the drafts.
     logprobs: also return the top-k alternatives of every generated token (0..MAX_LOGPROBS); None: none.
     prompt_logprobs: score the prompt at full depth (log p of each prompt token, None for the first) with
         the top-k alternatives of each (0..MAX_LOGPROBS); None: do not score the prompt. Only with it may

@@ -12,6 +12,16 @@ before it), so nothing is recomputed, and the full-depth distributions p_1..p_k 
 Both make every emitted token follow the full-depth model's own (tempered, top-p) distribution, so the
 output is the full-depth output, token for token when greedy. When all k drafts are kept nothing more is
 emitted (the next round starts from d_k: the position after it has no full-depth distribution yet).
+
+How many tokens a round drafts (`EngineConfig.draft_schedule`, per request):
+
+    constant:   the request's draft_tokens, every round
+    heuristic:  start at draft_tokens; +2 after a round whose drafts were all kept, -1 otherwise, within
+                [1, draft_tokens] (transformers' "heuristic" schedule for assisted generation, capped)
+
+A draft the full-depth model rejects costs a loop-1 step and a head for nothing, so with a student whose
+loop-1 exit rarely agrees with full depth (one not early-exit trained) k fixed drafts cost ~k+1 steps per
+token; the heuristic schedule falls to one draft a round, ~the steps of plain full-depth decoding.
 """
 
 from __future__ import annotations
@@ -19,6 +29,15 @@ from __future__ import annotations
 import torch
 
 from rrt_ray.serve.sampling import SamplingParams, token_probs
+
+DRAFT_SCHEDULES: tuple[str, ...] = ("constant", "heuristic")
+
+
+def next_draft_length(schedule: str, current: int, drafted: int, kept: int, limit: int) -> int:
+    """Drafts for a request's next round after one that drafted `drafted` tokens and kept `kept`."""
+    if schedule == "constant":
+        return limit
+    return min(limit, current + 2) if kept == drafted else max(1, current - 1)
 
 
 def accept_greedy(drafts: list[int], target_logits: torch.Tensor) -> tuple[int, list[int]]:

@@ -13,6 +13,7 @@ from rrt_ray.serve.bench import (
     ArmResult,
     Request,
     ServeBenchConfig,
+    _arms,
     _percentile,
     _prefix_match,
     make_workload,
@@ -34,6 +35,18 @@ def test_workload_is_deterministic_and_in_range():
     assert all(len(e) == 10 and min(e) >= 500 for e in evals)  # held apart from the prompts
     with pytest.raises(ValueError, match="prompt_tokens"):
         ServeBenchConfig(model="m", prompt_tokens=(5, 2))
+
+
+def test_setups_pick_arms_and_unknown_ones_are_named():
+    cfg = ServeBenchConfig(model="m", thresholds=(0.5,), draft_tokens=(4,))
+    assert [a.key for a in _arms(cfg)] == ["a", "b", "c", "c merged", "d0.5", "e4", "e4 adaptive"]
+    chosen = ServeBenchConfig(model="m", thresholds=(0.5,), draft_tokens=(4,), setups=("c merged", "e4 adaptive"))
+    assert [(a.key, a.engine) for a in _arms(chosen)] == [("c merged", "merged"), ("e4 adaptive", "merged")]
+    assert _arms(cfg)[5].engine == "merged constant"  # e4: the engine whose draft schedule is constant
+    with pytest.raises(ValueError, match=r"unknown setup\(s\) \['e9'\]; allowed: a, b, c, c merged, d0.5, e4, e4 adaptive"):
+        ServeBenchConfig(model="m", thresholds=(0.5,), draft_tokens=(4,), setups=("e9",))
+    with pytest.raises(ValueError, match="draft_schedules must be among constant, heuristic"):
+        ServeBenchConfig(model="m", draft_schedules=("sometimes",))
 
 
 def test_percentile_and_prefix_match():

@@ -10,7 +10,7 @@ from serve_helpers import early_exit_trained, load, random_prompts, successor_ch
 from rrt_ray.convert import convert_checkpoint
 from rrt_ray.serve import Engine, EngineConfig, SamplingParams
 from rrt_ray.serve.sampling import token_probs
-from rrt_ray.serve.speculative import accept_sampled
+from rrt_ray.serve.speculative import accept_sampled, next_draft_length
 from rrt_ray.testing import tiny_model
 
 FAMILIES = ["llama", "gemma", "gpt_neox", "qwen2", "mistral"]
@@ -40,8 +40,8 @@ def test_greedy_speculative_equals_full_depth_greedy(family_dirs, family):
     prompts.append(random_prompts([40], seed=22)[0])
     model = load(family_dirs[family])
     full = _greedy(Engine(model, config=EngineConfig(max_batch_tokens=32)), prompts, 30, exit_mode="none")
-    for k in (1, 3):
-        engine = Engine(model, config=EngineConfig(max_batch_tokens=32))
+    for k, schedule in [(1, "constant"), (3, "constant"), (3, "heuristic")]:
+        engine = Engine(model, config=EngineConfig(max_batch_tokens=32, draft_schedule=schedule))
         spec = _greedy(engine, prompts, 30, exit_mode="speculative", draft_tokens=k)
         for f, s in zip(full, spec):
             assert s.token_ids == f.token_ids
@@ -154,3 +154,38 @@ def test_speculative_mode_really_drafts_on_an_early_exit_trained_model(early_exi
         assert spec.token_ids == full.token_ids
         assert spec.accepted > 0 and spec.drafted >= spec.accepted
     assert steps["speculative"] < steps["none"], steps
+
+
+def test_heuristic_schedule_drafts_less_where_drafts_are_rejected(family_dirs):
+    """A loop-1 exit that rarely agrees with full depth (SmolLM2 before early-exit training: 1% of drafts
+    kept): 4 drafts a round then cost ~5 steps per token. The heuristic schedule falls to 1 draft a round:
+    same tokens, far fewer drafts and steps."""
+    model = load(family_dirs["llama"])
+    with torch.no_grad():  # louder layer outputs: loop 2 overturns loop 1's prediction (a random model's rarely does)
+        for name, param in model.named_parameters():
+            if "o_proj" in name or "down_proj" in name:
+                param.mul_(10.0)
+    prompts = random_prompts([5, 12, 8], seed=31)
+    runs = {}
+    for schedule in ("constant", "heuristic"):
+        engine = Engine(model, config=EngineConfig(max_batch_tokens=32, draft_schedule=schedule))
+        runs[schedule] = (_greedy(engine, prompts, 40, exit_mode="speculative", draft_tokens=4), dict(engine.stats))
+    (constant, c_stats), (heuristic, h_stats) = runs["constant"], runs["heuristic"]
+    assert [o.token_ids for o in heuristic] == [o.token_ids for o in constant]
+    kept = c_stats["accepted_drafts"] / c_stats["drafted_tokens"]
+    assert kept < 0.1, f"this test needs a student whose drafts are mostly rejected; kept {kept:.0%}"
+    assert h_stats["drafted_tokens"] < 0.5 * c_stats["drafted_tokens"]
+    assert h_stats["steps"] < 0.6 * c_stats["steps"]
+
+
+def test_next_draft_length_follows_the_schedule():
+    assert next_draft_length("constant", 1, drafted=1, kept=0, limit=4) == 4
+    assert next_draft_length("heuristic", 4, drafted=4, kept=3, limit=4) == 3
+    assert next_draft_length("heuristic", 1, drafted=1, kept=0, limit=4) == 1  # never below one draft
+    assert next_draft_length("heuristic", 2, drafted=2, kept=2, limit=4) == 4  # +2 when all were kept
+    assert next_draft_length("heuristic", 3, drafted=3, kept=3, limit=4) == 4  # capped at the request's draft_tokens
+
+
+def test_an_unknown_draft_schedule_is_refused():
+    with pytest.raises(ValueError, match="unknown draft_schedule 'greedy'; allowed: constant, heuristic"):
+        EngineConfig(draft_schedule="greedy")
