@@ -29,10 +29,12 @@ BUDGETS = {"ray head": 30, "teacher": 240, "convert": 30, "uptrain": 360, "tune"
 # calibrate: model.calibrate of the conversion; eval_batches: held-out batches per evaluation (None: the whole split)
 QUICK = {"steps": 4, "tune_tokens": 8192, "exit_steps": 4, "calibrate": 0, "eval_batches": None}
 FULL = {"steps": None, "tune_tokens": 16384, "exit_steps": 30, "calibrate": 0, "eval_batches": None}
-# A real packaged model (--model, `rrt fetch`): ~20 minutes on 2 cores. Its plain-SVD conversion starts at perplexity
-# ~10^6, so it is calibrated; a few uptraining steps (a 135M teacher + student per worker: ~100 tokens/s); no sweep.
+# A real packaged model (--model, `rrt fetch`). Its plain-SVD conversion starts at perplexity ~10^6, so it is
+# calibrated; a few uptraining steps (a 135M teacher + student per worker: ~40 tokens/s with start-up); no sweep.
+# Measured 2026-12-01 on 2 idle cores, first fetch included (results/demo_timing.md): ray head 14, teacher 62,
+# convert 211, uptrain 390, early exit 286, evaluate 74, serve 57; 18 min 40 s in all. The budgets sum to 20 min.
 REAL = {"steps": 4, "tune_tokens": None, "exit_steps": 4, "calibrate": 8, "eval_batches": 4}
-REAL_BUDGETS = {**BUDGETS, "teacher": 120, "convert": 300, "uptrain": 420, "tune": 0, "early exit": 240, "evaluate": 120, "serve": 180}
+REAL_BUDGETS = {**BUDGETS, "ray head": 20, "teacher": 90, "convert": 230, "uptrain": 410, "tune": 0, "early exit": 300, "evaluate": 80, "serve": 70}
 
 
 def log(line: str) -> None:
