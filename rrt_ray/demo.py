@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from rrt_ray.serve.launch import OWNER_ENV, kill_owned, owned_processes
+from rrt_ray.serve.reaper import OWNER_ENV, kill_owned, owned_processes, spawn_watchdog
 
 Log = Callable[[str], None]
 
@@ -86,6 +86,7 @@ class RayHead:
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self.gcs_port = free_port()
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
+        self.watchdog = None
 
     def start(self, attempts: int = 3) -> None:
         # Token auth is on by default in Ray 2.60: off for this private, 127.0.0.1-only head and its clients.
@@ -107,6 +108,7 @@ class RayHead:
             print(f"[demo] ray start --head attempt {attempt}/{attempts} failed: {reason[0][:200]}", flush=True)
         else:
             raise RuntimeError(f"ray start --head failed {attempts} times: {(done.stderr or done.stdout).strip()[-800:]}")
+        self.watchdog = spawn_watchdog(self.owner, self.temp_dir)  # stops the head if this process dies first
         # Ray Train's placement-group cleaner finds the cluster through RAY_ADDRESS (see rrt_ray.tune.runner).
         os.environ["RAY_ADDRESS"] = self.gcs_address
 
@@ -118,6 +120,8 @@ class RayHead:
             ray.shutdown()
         kill_owned(self.owner, grace_s=5.0, temp_dir=self.temp_dir)
         left = [proc.pid for proc in owned_processes(self.owner, self.temp_dir)]
+        if self.watchdog is not None:
+            self.watchdog.terminate()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         return left
 

@@ -9,8 +9,9 @@ load, or after ready) raises `Stopped` in the main thread, and leaving the `with
 cluster down within seconds. Every process of a cluster this launcher started carries the environment
 marker OWNER_ENV (Ray's processes inherit the driver's environment), so after `ray.shutdown()` a sweep
 kills whatever of ours is left (a replica still loading its model, a worker still exiting) and nothing
-else: never `ray stop`, which would stop every Ray cluster of the user on the host. Connected to an
-existing cluster (`address`), it deletes its own application only.
+else: never `ray stop`, which would stop every Ray cluster of the user on the host. A watchdog process
+(`rrt_ray.serve.reaper`) does the same sweep if the launcher dies before it can. Connected to an existing
+cluster (`address`), it deletes its own application only.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import time
 import urllib.request
 import uuid
 
-OWNER_ENV = "RRT_SERVE_OWNER"
+from rrt_ray.serve.reaper import OWNER_ENV, kill_owned, owned_processes, spawn_watchdog, sweep
+
 APP_NAME = "rrt"
+__all__ = ["OWNER_ENV", "APP_NAME", "ServeLauncher", "Stopped", "install_stop_handlers", "kill_owned", "owned_processes"]
 
 
 class Stopped(BaseException):
@@ -51,74 +54,6 @@ def _ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def environ(proc) -> dict[str, str]:
-    """A psutil process's environment, as far as /proc still shows it. Ray names its processes
-    ("ray::DashboardAgent") by writing over the memory that held argv and the environment: the start of
-    /proc/PID/environ is blanked (all of it, for a small environment), and psutil's parser stops at the first
-    empty entry and returns {}. Read the raw block and skip the blanks; see `owned_processes` for the rest."""
-    try:
-        with open(f"/proc/{proc.pid}/environ", "rb") as block:
-            raw = block.read()
-    except FileNotFoundError:  # no /proc (macOS): psutil asks the kernel another way
-        return proc.environ()
-    return dict(entry.split("=", 1) for entry in raw.decode(errors="replace").split("\0") if "=" in entry)
-
-
-def _holds_file_under(proc, temp_dir: str) -> bool:
-    # Every Ray process keeps its log files open under the cluster's --temp-dir. /proc/PID/fd still names
-    # them once the dir is removed ("... (deleted)"), where psutil's open_files() no longer lists them.
-    fd_dir = f"/proc/{proc.pid}/fd"
-    if not os.path.isdir(fd_dir):  # no /proc (macOS)
-        return any(f.path.startswith(temp_dir) for f in proc.open_files())
-    for fd in os.listdir(fd_dir):
-        try:
-            if os.readlink(os.path.join(fd_dir, fd)).startswith(temp_dir):
-                return True
-        except OSError:  # closed meanwhile
-            continue
-    return False
-
-
-def owned_processes(owner: str, temp_dir: str | None = None) -> list:
-    """psutil processes (other than this one) that carry OWNER_ENV=owner in their environment or, when the
-    cluster's private `temp_dir` is given, hold a file under it: a renamed Ray process may have lost the
-    marker (see `environ`), never its log files."""
-    import psutil
-
-    temp_dir = temp_dir and os.path.join(os.path.realpath(temp_dir), "")
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        if proc.pid == os.getpid():
-            continue
-        try:
-            # A zombie has exited and holds nothing; this sandbox's init reaps orphans late.
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            if environ(proc).get(OWNER_ENV) == owner or (temp_dir and _holds_file_under(proc, temp_dir)):
-                found.append(proc)
-        except (psutil.Error, OSError):  # gone, or another user's process
-            continue
-    return found
-
-
-def kill_owned(owner: str, grace_s: float = 2.0, temp_dir: str | None = None) -> None:
-    import psutil
-
-    procs = owned_processes(owner, temp_dir)
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=grace_s)
-
-
 def wait_healthy(url: str, timeout_s: float) -> None:
     """Port 8000 accepts before the replicas are ready: poll /healthz with short timeouts."""
     deadline = time.monotonic() + timeout_s
@@ -139,6 +74,7 @@ class ServeLauncher:
         self.url = f"http://{host}:{port}"
         self.owner = os.environ.setdefault(OWNER_ENV, f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
         self._temp_dir: str | None = None
+        self._watchdog = None
         self._ray_started = False
 
     def __enter__(self) -> "ServeLauncher":
@@ -175,6 +111,7 @@ class ServeLauncher:
             ray.init(address=self.address, include_dashboard=False)
         else:  # a private cluster: its own temp dir (sockets, logs) and free ports, stopped on exit
             self._temp_dir = tempfile.mkdtemp(prefix="rrt-serve-")
+            self._watchdog = spawn_watchdog(self.owner, self._temp_dir)
             ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, _temp_dir=self._temp_dir)
         self._ray_started = True
         serve.start(http_options={"host": self.host, "port": self.port})
@@ -208,12 +145,8 @@ class ServeLauncher:
             stopper = threading.Thread(target=ray.shutdown, daemon=True)  # machine it can take long
             stopper.start()
             stopper.join(timeout=4.0)
-        # What is left of ours (never another cluster's processes), swept until none is left: while the raylet
-        # or the Serve controller still lives it can start a replica or worker in the middle of a sweep.
-        deadline, grace = time.monotonic() + 5.0, 1.5
-        while owned_processes(self.owner, self._temp_dir) and time.monotonic() < deadline:
-            kill_owned(self.owner, grace_s=grace, temp_dir=self._temp_dir)
-            grace = 0.5
-            time.sleep(0.2)
+        sweep(self.owner, self._temp_dir)  # what is left of ours, never another cluster's processes
+        if self._watchdog is not None:  # done its job here; it is only for a launcher that dies before this
+            self._watchdog.terminate()
         if self._temp_dir:
             shutil.rmtree(self._temp_dir, ignore_errors=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import uuid
 
 from rrt_ray.serve.launch import OWNER_ENV, kill_owned, owned_processes
@@ -51,3 +52,34 @@ def test_files_are_still_seen_once_the_temp_dir_is_removed(tmp_path):
         assert [p.pid for p in owned_processes(owner, str(temp_dir))] == [child.pid]
     finally:
         child.kill()
+
+
+HARD_DYING_LAUNCHER = """
+import os, subprocess, sys, time
+from rrt_ray.serve.reaper import spawn_watchdog
+owner, temp_dir, child_code = sys.argv[1], sys.argv[2], sys.argv[3]
+spawn_watchdog(owner, temp_dir)
+child = subprocess.Popen([sys.executable, "-c", child_code, os.path.join(temp_dir, "worker.out")],
+                         env={"PATH": "/usr/bin:/bin", "RRT_SERVE_OWNER": owner}, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)  # holding no pipe of the test open
+child.stdout.readline()
+print(child.pid, flush=True)
+os.abort()  # as Ray's signal handler can abort a driver mid-shutdown: no cleanup of ours runs
+"""
+
+
+def test_the_watchdog_stops_what_a_dead_launcher_left_and_removes_its_temp_dir(tmp_path):
+    owner = f"test-launch-{uuid.uuid4().hex[:12]}"
+    temp_dir = tmp_path / "ray-temp"
+    temp_dir.mkdir()
+    launcher = subprocess.run([sys.executable, "-c", HARD_DYING_LAUNCHER, owner, str(temp_dir), RENAMED_CHILD],
+                              capture_output=True, text=True, timeout=60)
+    assert launcher.returncode == -6, launcher.stderr
+    child_pid = int(launcher.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while (owned_processes(owner, str(temp_dir)) or temp_dir.exists()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = owned_processes(owner, str(temp_dir))
+    for proc in left:
+        proc.kill()
+    assert [p.pid for p in left] == [] and not temp_dir.exists(), f"left: {left} (child {child_pid})"
