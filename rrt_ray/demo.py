@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from rrt_ray.serve.reaper import OWNER_ENV, kill_owned, owned_processes, spawn_watchdog
+from rrt_ray.serve.reaper import OWNER_ENV, kill_owned, owned_processes, spawn_watchdog, sweep
 
 Log = Callable[[str], None]
 
@@ -118,7 +118,7 @@ class RayHead:
 
         if ray.is_initialized():
             ray.shutdown()
-        kill_owned(self.owner, grace_s=5.0, temp_dir=self.temp_dir)
+        sweep(self.owner, self.temp_dir)
         left = [proc.pid for proc in owned_processes(self.owner, self.temp_dir)]
         if self.watchdog is not None:
             self.watchdog.terminate()

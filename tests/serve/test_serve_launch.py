@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 import uuid
+
+from polling import wait_for
 
 from rrt_ray.serve.launch import OWNER_ENV, kill_owned, owned_processes
 
 RENAMED_CHILD = """
-import sys, time
+import signal, sys
 import ray._raylet
 log = open(sys.argv[1], "w")            # as a Ray process keeps its log file open under the temp dir
 ray._raylet.setproctitle("ray::RenamedProbe")
 print("ready", flush=True)
-time.sleep(120)
+signal.pause()                          # until the test or the code under test ends it
 """
 
 
@@ -55,7 +56,7 @@ def test_files_are_still_seen_once_the_temp_dir_is_removed(tmp_path):
 
 
 HARD_DYING_LAUNCHER = """
-import os, subprocess, sys, time
+import os, subprocess, sys
 from rrt_ray.serve.reaper import spawn_watchdog
 owner, temp_dir, child_code = sys.argv[1], sys.argv[2], sys.argv[3]
 spawn_watchdog(owner, temp_dir)
@@ -76,10 +77,9 @@ def test_the_watchdog_stops_what_a_dead_launcher_left_and_removes_its_temp_dir(t
                               capture_output=True, text=True, timeout=60)
     assert launcher.returncode == -6, launcher.stderr
     child_pid = int(launcher.stdout.split()[0])
-    deadline = time.monotonic() + 30
-    while (owned_processes(owner, str(temp_dir)) or temp_dir.exists()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = owned_processes(owner, str(temp_dir))
-    for proc in left:
-        proc.kill()
-    assert [p.pid for p in left] == [] and not temp_dir.exists(), f"left: {left} (child {child_pid})"
+    try:
+        wait_for(lambda: not owned_processes(owner, str(temp_dir)) and not temp_dir.exists(), 30,
+                 f"the watchdog to stop child {child_pid} and remove {temp_dir}", poll=0.2)
+    finally:
+        for proc in owned_processes(owner, str(temp_dir)):  # never leave it running, even when the test fails
+            proc.kill()
