@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as err:
         print(f"uptrain: error: {err}", file=sys.stderr)
         return 1
-    summary = {k: metrics.get(k) for k in ("step", "loss", "kd_loss", "heldout_ppl", "tokens_per_s", "export_max_logit_diff", "export_uri")}
+    summary = {k: metrics.get(k) for k in ("step", "loss", "kd_loss", "heldout_ppl", "tokens_per_s", "tokens_per_s_mean", "peak_rss_mb", "export_max_logit_diff", "export_uri")}
     print("uptrain: done " + json.dumps(summary))
     return 0
 

@@ -21,6 +21,7 @@ from rrt_ray.models.layer_map import SHARING_MODES
 from rrt_ray.models.lora import RelaxedLoRALinear
 from rrt_ray.models.per_depth import PerDepth
 from rrt_ray.models.recursive import RecursiveForCausalLM
+from rrt_ray.train.head_loss import output_head
 from rrt_ray.train.losses import cross_entropy, kd_divergence
 
 EXIT_SCHEDULES: dict[str, Callable[[int], list[float]]] = {
@@ -41,8 +42,8 @@ def final_norm(model: RecursiveForCausalLM) -> torch.nn.Module:
     return arch_spec(model.config.text_config.model_type).module(model.backbone, "final_norm")
 
 
-def loop_exit_logits(model: RecursiveForCausalLM, input_ids: torch.Tensor, **kwargs) -> list[torch.Tensor]:
-    """Logits (B, L, V) of the exit after each loop, shallowest first; the last equals model(...).logits."""
+def loop_exit_hidden(model: RecursiveForCausalLM, input_ids: torch.Tensor, **kwargs) -> list[torch.Tensor]:
+    """The hidden states (B, L, H) each exit's LM head reads (final norm applied), shallowest first."""
     if not SHARING_MODES.get(model.config.sharing).loop_exits:
         raise ValueError(f"early exit needs sharing='cycle' (loops end between blocks), got {model.config.sharing!r}")
     layers = model.unrolled_layers
@@ -52,8 +53,14 @@ def loop_exit_logits(model: RecursiveForCausalLM, input_ids: torch.Tensor, **kwa
         hidden = layers.loop_outputs
     finally:
         layers.loop_outputs = None
-    norm, head = final_norm(model), model.get_output_embeddings()
-    return [head(norm(h)) for h in hidden]
+    norm = final_norm(model)
+    return [norm(h) for h in hidden]
+
+
+def loop_exit_logits(model: RecursiveForCausalLM, input_ids: torch.Tensor, **kwargs) -> list[torch.Tensor]:
+    """Logits (B, L, V) of the exit after each loop, shallowest first; the last equals model(...).logits."""
+    head = output_head(model)
+    return [head.logits(h) for h in loop_exit_hidden(model, input_ids, **kwargs)]
 
 
 def early_exit_loss(
@@ -62,14 +69,15 @@ def early_exit_loss(
     schedule: str = "aggressive",
     distill_weight: float = 1.0,
     temperature: float = 1.0,
+    reduction: str = "mean",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted CE over exits + self-distillation from the detached final exit. Returns (loss, per-exit CE)."""
     weights = exit_weights(schedule, len(exit_logits))
-    ces = [cross_entropy(logits, labels) for logits in exit_logits]
+    ces = [cross_entropy(logits, labels, reduction) for logits in exit_logits]
     loss = sum(w * ce for w, ce in zip(weights, ces)) / sum(weights)
     if distill_weight > 0 and len(exit_logits) > 1:
         final = exit_logits[-1].detach()  # the teacher of every intermediate exit: KL(final || exit_b)
-        kd = sum(kd_divergence(logits, final, labels, "forward_kl", temperature) for logits in exit_logits[:-1])
+        kd = sum(kd_divergence(logits, final, labels, "forward_kl", temperature, reduction) for logits in exit_logits[:-1])
         loss = loss + distill_weight * kd / (len(exit_logits) - 1)
     return loss, {f"exit{b + 1}_ce": ce.item() for b, ce in enumerate(ces)}
 

@@ -54,6 +54,9 @@ class ModelConfig:
         shared init fitted on the training split with the converter's default options); 0: the paper's plain SVD.
         On a real model this is the difference between starting at perplexity ~10^6 and ~10^2.
     gradient_checkpointing: recompute activations in the backward pass (memory for time).
+    loss_chunk_tokens: run the LM head and the loss on this many tokens at a time (train/head_loss.py), so that
+        no whole-batch logits tensor exists: the same loss and gradients, a fraction of the memory with a large
+        vocabulary. 0: the whole micro-batch at once. Not under ZeRO-3 (its head weight is partitioned).
     """
 
     student: str = ""
@@ -65,6 +68,7 @@ class ModelConfig:
     lora_init: str = "svd"
     calibrate: int = 0
     gradient_checkpointing: bool = False
+    loss_chunk_tokens: int = 256
 
     def __post_init__(self) -> None:
         from rrt_ray.convert.init_strategies import INIT_STRATEGIES  # the registries: choices are listed once
@@ -72,6 +76,7 @@ class ModelConfig:
         from rrt_ray.models.layer_map import SHARING_MODES
 
         _require(self.loops >= 1, f"model.loops must be >= 1, got {self.loops}")
+        _require(self.loss_chunk_tokens >= 0, f"model.loss_chunk_tokens must be >= 0 (tokens per LM-head chunk; 0: the whole micro-batch), got {self.loss_chunk_tokens}")
         _require(self.calibrate >= 0, f"model.calibrate must be >= 0 (calibration sequences; 0: plain SVD), got {self.calibrate}")
         _require(self.sharing in SHARING_MODES, f"model.sharing {self.sharing!r} is not one of {SHARING_MODES.allowed()}")
         _require(self.init in INIT_STRATEGIES, f"model.init {self.init!r} is not one of {INIT_STRATEGIES.allowed()}")

@@ -35,8 +35,10 @@ from rrt_ray.evaluation import loss_totals, perplexity_of
 from rrt_ray.train.config import TrainConfig
 from rrt_ray.train.extensions import clear_stale_build_locks
 from rrt_ray.models import RecursiveForCausalLM
-from rrt_ray.models.early_exit import early_exit_loss, freeze_backbone, loop_exit_logits
-from rrt_ray.train.losses import combined_loss, cross_entropy
+from rrt_ray.models.early_exit import early_exit_loss, freeze_backbone, loop_exit_hidden, loop_exit_logits
+from rrt_ray.train.head_loss import chunked_head_loss, final_hidden, output_head
+from rrt_ray.train.losses import IGNORE_INDEX, combined_loss
+from rrt_ray.train.memory import resident_memory
 from rrt_ray.train.progress import EventLog, MetricWindow, log_line
 from rrt_ray.train.schedule import lr_multiplier
 
@@ -211,6 +213,8 @@ def setup_worker(cfg: TrainConfig, rank: int, world_size: int) -> Worker:
     tokenizer, model, teacher = load_models(cfg, workdir)
     batches, eval_batches = load_data(cfg, tokenizer, rank, world_size)
     engine, scheduler = build_engine(model, cfg, world_size)
+    if rank == 0 and cfg.model.loss_chunk_tokens and cfg.zero.stage == 3:
+        print(f"{cfg.run.name}: ZeRO-3 partitions the LM head's weight: the loss runs on whole micro-batches (model.loss_chunk_tokens unused)", flush=True)
     if teacher is not None:
         teacher.to(engine.device)
     eval_batches = [_to_device(batch, engine.device) for batch in eval_batches]
@@ -282,22 +286,54 @@ def resume(worker: Worker) -> Position:
 def micro_batch_loss(engine: Any, teacher: torch.nn.Module | None, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """The loss of one micro-batch and its logged terms, with loss = (1 - kd.weight) * ce_loss + kd.weight * kd_loss
     in both modes: ce_loss is next-token CE, or with early exit the exits' loss (weighted CE over exits plus
-    self-distillation) that takes its place; final_ce_loss is then the last exit's CE, for comparison."""
-    targets = batch["labels"]  # (B, T)
-    task_loss, extra = None, {}
-    if cfg.early_exit.enabled:
-        exits = loop_exit_logits(getattr(engine, "module", engine), batch["input_ids"])  # [(B, T, V)] per loop
-        logits = exits[-1]
-        task_loss, _ = early_exit_loss(exits, targets, cfg.early_exit.schedule, cfg.early_exit.distill_weight, cfg.kd.temperature)
-        extra["final_ce_loss"] = cross_entropy(logits, targets).detach()
+    self-distillation) that takes its place; final_ce_loss is then the last exit's CE, for comparison.
+
+    Every term is summed over the batch's tokens and divided once by their count: whole (model.loss_chunk_tokens=0,
+    or ZeRO-3), or from the final hidden states a chunk of tokens at a time (train/head_loss.py), the same loss."""
+    model = getattr(engine, "module", engine)
+    input_ids, targets = batch["input_ids"], batch["labels"].flatten()  # (B, T), (B*T,)
+    counted = (targets != IGNORE_INDEX).sum().clamp_min(1)
+    if cfg.model.loss_chunk_tokens and cfg.zero.stage < 3:
+        exits = loop_exit_hidden(model, input_ids) if cfg.early_exit.enabled else [final_hidden(model, input_ids)]
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_hidden, teacher_head = final_hidden(teacher, input_ids).flatten(0, 1), output_head(teacher)
+
+            def teacher_logits(part: slice) -> torch.Tensor:
+                with torch.no_grad():
+                    return teacher_head.logits(teacher_hidden[part])
+
+        objective = _objective(cfg, targets, teacher_logits)
+        loss, logged = chunked_head_loss([h.flatten(0, 1) for h in exits], output_head(model), objective, cfg.model.loss_chunk_tokens)
     else:
-        logits = next_token_logits(engine, batch)[0]  # (B, T, V)
-    teacher_logits = None
-    if teacher is not None:
-        with torch.no_grad():
-            teacher_logits = next_token_logits(teacher, batch)[0]
-    loss, ce, kd = combined_loss(logits, targets, teacher_logits, cfg.kd.weight, cfg.kd.loss, cfg.kd.temperature, task_loss)
-    return {"loss": loss, "ce_loss": ce, "kd_loss": kd, **extra}
+        exits = loop_exit_logits(model, input_ids) if cfg.early_exit.enabled else [next_token_logits(engine, batch)[0]]
+        full_teacher = None
+        if teacher is not None:
+            with torch.no_grad():
+                full_teacher = next_token_logits(teacher, batch)[0].flatten(0, 1)
+        objective = _objective(cfg, targets, None if full_teacher is None else lambda part: full_teacher[part])
+        loss, logged = objective([e.flatten(0, 1) for e in exits], slice(None))
+    names = ("ce_loss", "kd_loss") + (("final_ce_loss",) if cfg.early_exit.enabled else ())
+    return {"loss": loss / counted, **{name: value / counted for name, value in zip(names, logged.detach())}}
+
+
+def _objective(cfg: TrainConfig, targets: torch.Tensor, teacher_logits: Any) -> Any:
+    """objective(exit logits [(n, V)], part) -> (loss sum, [ce, kd(, final ce)] sums) over the tokens `part` of the
+    flattened batch; teacher_logits(part) gives the teacher's (n, V), or is None without distillation."""
+
+    def objective(exits: list[torch.Tensor], part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        y = targets[part]
+        task, extra = None, []
+        if cfg.early_exit.enabled:
+            ee = cfg.early_exit
+            task, ces = early_exit_loss(exits, y, ee.schedule, ee.distill_weight, cfg.kd.temperature, reduction="sum")
+            extra = [ces[f"exit{len(exits)}_ce"]]
+        teacher = None if teacher_logits is None else teacher_logits(part)
+        loss, ce, kd = combined_loss(exits[-1], y, teacher, cfg.kd.weight, cfg.kd.loss, cfg.kd.temperature, task, reduction="sum")
+        return loss, torch.stack([ce.detach().float(), kd.detach().float(), *map(ce.new_tensor, extra)])
+
+    return objective
 
 
 def train(worker: Worker, position: Position) -> dict[str, Any]:
@@ -349,6 +385,7 @@ def report(worker: Worker, position: Position, due: dict[str, bool], window: dic
         "tokens_seen": position.step * cfg.tokens_per_step,
         "data_fingerprint": _all_ranks_sum(position.fingerprint),
         "resumed_from": position.resumed_from,
+        "peak_rss_mb": _all_ranks_max(resident_memory()["peak_rss_mb"]),  # the largest worker's, so far
     }
     if due["eval"]:
         metrics["heldout_ppl"] = evaluate(worker.engine, worker.eval_batches)
@@ -373,6 +410,14 @@ def _all_ranks_sum(value: int) -> int:
     total = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(total)
     return int(total.item())
+
+
+def _all_ranks_max(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    peak = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return float(peak.item())
 
 
 def _save_and_report(engine: Any, cfg: TrainConfig, metrics: dict[str, Any], rank: int, loader_state: dict, fingerprint: int, step: int) -> None:

@@ -69,11 +69,14 @@ def log_line(name: str, metrics: dict[str, Any], stop_at: int) -> str:
         parts.append(f"kd {metrics['kd_loss']:.4f}")
     if "heldout_loss" in metrics:
         parts.append(f"held-out loss {metrics['heldout_loss']:.4f} (ppl {metrics['heldout_ppl']:.2f})")
-    parts += [f"lr {metrics['lr']:.3g}", f"{metrics['tokens_per_s']:,.0f} tokens/s", f"{format_duration(metrics['seconds_left'])} left"]
+    parts += [f"lr {metrics['lr']:.3g}", f"{metrics['tokens_per_s']:,.0f} tokens/s"]
+    if metrics.get("peak_rss_mb"):
+        parts.append(f"peak RSS {metrics['peak_rss_mb'] / 1024:.2f} GiB/worker")
+    parts.append(f"{format_duration(metrics['seconds_left'])} left")
     return " | ".join(parts)
 
 
-EVENT_SCALARS = ("loss", "ce_loss", "kd_loss", "final_ce_loss", "heldout_loss", "heldout_ppl", "lr", "tokens_per_s")
+EVENT_SCALARS = ("loss", "ce_loss", "kd_loss", "final_ce_loss", "heldout_loss", "heldout_ppl", "lr", "tokens_per_s", "peak_rss_mb")
 EVENTS_DIR = "tensorboard"
 
 
