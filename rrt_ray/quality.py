@@ -90,9 +90,16 @@ def window_perplexity(model_dir: str, tokens) -> float:
 
 
 def read_rows(path: Path) -> list[dict]:
+    """The rows of the JSON-lines file; a row appended again for the same arm and windows replaces the earlier."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows.pop((row["key"], row["windows"]), None)
+            rows[(row["key"], row["windows"])] = row
+    return list(rows.values())
 
 
 def run_arm(arm: Arm, teacher: str, windows: torch.Tensor, workdir: Path) -> dict:
@@ -139,53 +146,138 @@ COMPARISONS = (  # (what, baseline arm, arm): a finding is written only when bot
     ("2 -> 3 loops, rank 64", "avg-r64", "avg-r64-3loops"),
     ("cycle -> middle_cycle sharing (first and last layer unique), rank 64", "avg-r64", "mc-avg-r64"),
 )
+TRAINING_COMPARISONS = (  # the same uptraining budget on both sides (quality_uptrain)
+    ("calibrated start (drift-corrected (a)) vs plain SVD, rank 64", "up-avg-r64", "up-avg-r64-calib"),
+    ("distillation (KD weight 0.9) vs none, calibrated rank 64", "up-avg-r64-calib-nokd", "up-avg-r64-calib"),
+    ("relaxed (LoRA rank 64, average) vs plain recursive (rank 0, stepwise)", "up-stepwise-r0", "up-avg-r64"),
+    ("middle_cycle vs cycle sharing, rank 64", "up-avg-r64", "up-mc-avg-r64"),
+    ("plain recursive (rank 0) vs the truncated model of the same size", "up-truncated", "up-stepwise-r0"),
+)
+# (what the paper reports, the arm it expects to have the lower perplexity, the other arm): checked on the rows
+PAPER_CLAIMS = (
+    ("relaxed recursive models (per-depth LoRA) beat plain recursive ones after the same uptraining", "up-avg-r64", "up-stepwise-r0"),
+    ("a recursive model beats a truncated model of the same size and training", "up-stepwise-r0", "up-truncated"),
+    ("distilling from the original beats plain next-token uptraining", "up-avg-r64-calib", "up-avg-r64-calib-nokd"),
+    ("middle-cycle sharing (Mixture-of-Recursions) beats plain cycle sharing after uptraining", "up-mc-avg-r64", "up-avg-r64"),
+    ("a higher LoRA rank starts closer to the original (conversion only)", "avg-r128", "avg-r64"),
+    ("stepwise init suits plain recursive models best (here before any uptraining)", "stepwise-r0", "avg-r0"),
+    ("average init suits SVD-initialised relaxed models best (here before any uptraining)", "avg-r64", "stepwise-r64"),
+)
 NOT_BUILT = (
-    "5b uptraining arms (same token budget each), 5c early-exit post-training, 5e tune sweep: not run on the shared 2-core machine",
-    "5d task accuracy: `rrt eval MODEL` exists (lm-eval, local next-line task); its numbers are not in this table yet",
+    "5e tune sweep on SmolLM2: not run (see results/tune_demo.md for the sweep on the demo teacher)",
 )
 
 
-def findings(rows: list[dict]) -> list[str]:
+def findings(rows: list[dict], comparisons=COMPARISONS) -> list[str]:
     by_arm = {r["arm"]: r for r in rows}
     lines = []
-    for what, base, arm in COMPARISONS:
+    for what, base, arm in comparisons:
         if base in by_arm and arm in by_arm:
             a, b = by_arm[base]["ppl"], by_arm[arm]["ppl"]
             lines.append(f"- {what}: held-out ppl {a:.4g} -> {b:.4g} ({a / b:.3g}x {'lower' if b < a else 'higher'}).")
     return lines
 
 
+def paper_checks(rows: list[dict]) -> list[str]:
+    """One line per claim of the paper whose two arms have rows: the numbers and whether it holds here."""
+    by_arm = {r["arm"]: r for r in rows}
+    lines = []
+    for claim, better, worse in PAPER_CLAIMS:
+        if better in by_arm and worse in by_arm:
+            a, b = by_arm[better]["ppl"], by_arm[worse]["ppl"]
+            verdict = "**holds**" if a < b else "**does not hold**"
+            lines.append(f"- The paper: {claim}. Here: {better} {a:.4g} vs {worse} {b:.4g}: {verdict}.")
+    return lines
+
+
+def exit_summary(exits: list[dict]) -> list[str]:
+    """The early-exit rows in words: for each threshold, the share leaving after loop 1 and the perplexity cost."""
+    lines = []
+    for r in exits:
+        full = next(e["ppl"] for e in r["exits"] if e["threshold"] is None)
+        for e in r["exits"]:
+            if e["threshold"]:
+                lines.append(f"- Early exit ({r['arm']}), threshold {e['threshold']}: {e['exit1_share']:.1%} of tokens leave after loop 1, "
+                             f"held-out ppl {full:.4g} -> {e['ppl']:.4g} ({e['ppl'] / full - 1:+.1%}).")
+    return lines
+
+
 def write_report(rows: list[dict], md_path: Path, plot_path: Path, command: str, machine: str) -> None:
-    import matplotlib
+    """The study's markdown (conversion, uptraining and early-exit tables, findings, what is missing) and plots."""
+    from rrt_ray import quality_uptrain
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    converted = [r for r in rows if r["group"] in ("reference", "conversion")]
+    trained = [r for r in rows if r["group"] == "uptrain"]
+    exits = [r for r in rows if r["group"] == "early exit"]
     teacher = next((r for r in rows if r["arm"] == "original"), None)
+    share = lambda r: f"{r['params'] / teacher['params']:.1%}" if teacher else ""  # noqa: E731
     lines = [
         "# Quality study on SmolLM2-135M-Instruct (issue 11, item 5)", "",
         f"Command: `{command}`", f"Machine: {machine}", "",
         "Held-out perplexity on the first W 256-token windows of the default corpus's held-out split (W in the table);",
         "calibration draws its sequences from the training split only. Rows come from `quality_smollm2.jsonl`.", "",
+        "## 5a: conversions, before any training", "",
         "| arm | options | params | of original | held-out ppl | convert s | eval s |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        share = f"{r['params'] / teacher['params']:.1%}" if teacher else ""
+    for r in converted:
         options = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "the teacher itself"
-        lines.append(f"| {r['arm']} | {options} | {r['params']:,} | {share} | {r['ppl']:.4g} | {r['convert_s']} | {r['eval_s']} |")
-    lines += ["", "## Findings (computed from the rows above)", "", *findings(rows), "", "## Missing", ""]
+        lines.append(f"| {r['arm']} | {options} | {r['params']:,} | {share(r)} | {r['ppl']:.4g} | {r['convert_s']} | {r['eval_s']} |")
+    if trained:
+        lines += ["", "## 5b: the same uptraining budget for each arm", "",
+                  f"Each arm: `jobs/uptrain.py --config jobs/configs/demo.yaml` with {', '.join(quality_uptrain.TRAIN_OVERRIDES)}",
+                  f"(2 workers, ZeRO-2, fp32, {quality_uptrain.TOKENS_PER_STEP:,} tokens a step). tokens/s is the job's steady rate; peak RSS",
+                  "is the largest worker's VmHWM over the run.", "",
+                  f"acc: `rrt eval`'s lm-eval next-line task, {quality_uptrain.EVAL_DOCS} documents, 4 choices (chance 25%)"
+                  + (f"; the original scores {teacher['acc']:.1%}." if teacher and "acc" in teacher else "."), "",
+                  "| arm | student | params | of original | ppl before | ppl after | acc | tokens | tokens/s | peak RSS/worker | job s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in trained:
+            student = ", ".join(f"{k}={v}" for k, v in r["options"]["student"].items()) + "".join(f"; {o}" for o in r["options"]["train"])
+            rss = f"{r['peak_rss_mb'] / 1024:.2f} GiB" if r.get("peak_rss_mb") else "-"
+            lines.append(f"| {r['arm']} | {student} | {r['params']:,} | {share(r)} | {r['start_ppl']:.4g} | **{r['ppl']:.4g}** | {r['acc']:.1%} | {r['tokens']:,} | "
+                         f"{r['tokens_per_s']:.0f} | {rss} | {r['train_s']:.0f} |")
+    for r in exits:
+        lines += ["", f"## 5c: early-exit post-training of {r['options']['after']} ({r['tokens']:,} tokens, backbone frozen)", "",
+                  f"Exit after loop 1 when its top probability reaches the threshold (teacher-forced, the confidence rule); full depth: ppl {r['ppl']:.4g}.", "",
+                  "| threshold | tokens leaving after loop 1 | held-out ppl |", "|---:|---:|---:|"]
+        for e in r["exits"]:
+            label = "never (full depth)" if e["threshold"] is None else "always (loop 1 only)" if e["threshold"] == 0 else f"{e['threshold']}"
+            lines.append(f"| {label} | {e['exit1_share']:.1%} | {e['ppl']:.4g} |")
+    lines += ["", "## Findings (computed from the rows above)", "", *findings(converted), *findings(trained, TRAINING_COMPARISONS)]
+    lines += ["", "## Which of the paper's findings hold here (computed from the rows above)", "", *paper_checks(rows), *exit_summary(exits)]
+    lines += ["", "## Missing", ""]
     done = {r["arm"] for r in rows}
-    lines += [f"- arm {a.name}: no row yet" for a in conversion_arms() if a.name not in done]
+    lines += [f"- arm {a.name}: no row yet" for a in conversion_arms() + quality_uptrain.uptrain_arms() if a.name not in done]
+    lines += [] if exits else ["- 5c early-exit post-training: no row yet"]
     lines += [f"- {item}" for item in NOT_BUILT]
     lines += ["", f"Complete the table (resumes, skips finished arms): `{command.split(' --arms')[0]}`"]
     md_path.write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(9, 4))
-    ax.bar([r["arm"] for r in rows], [r["ppl"] for r in rows], color=["gray" if r["group"] == "reference" else "tab:blue" for r in rows])
+    _plot(converted, trained, plot_path)
+
+
+def _plot(converted: list[dict], trained: list[dict], plot_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if trained else 1, figsize=(15 if trained else 9, 4.5), squeeze=False)
+    ax = axes[0][0]
+    ax.bar([r["arm"] for r in converted], [r["ppl"] for r in converted], color=["gray" if r["group"] == "reference" else "tab:blue" for r in converted])
     ax.set_yscale("log")
     ax.set_ylabel("held-out perplexity (log)")
     ax.set_title("SmolLM2-135M: conversions before uptraining")
     ax.tick_params(axis="x", rotation=60)
+    if trained:
+        ax = axes[0][1]
+        for r in trained:  # the job's own held-out evaluations: 16 windows of 128 tokens, not the table's yardstick
+            ax.plot([0] + [t for t, _ in r["curve"]], [r["start_ppl"]] + [p for _, p in r["curve"]], marker="o", label=r["arm"])
+        ax.set_yscale("log")
+        ax.set_xlabel("uptraining tokens")
+        ax.set_ylabel("held-out perplexity (log)")
+        ax.set_title("recovery: start = the yardstick; later points = the job's own held-out eval")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(plot_path, dpi=110)
     plt.close(fig)

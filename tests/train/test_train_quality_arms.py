@@ -1,0 +1,55 @@
+"""The quality study's training-arm pieces (rrt_ray/quality_uptrain.py) on the tiny models: the truncated
+baseline, the early-exit mix by threshold, and bench_quality's bad arguments."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rrt_ray import quality_uptrain
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_truncated_student_is_the_teachers_first_layers(tiny_teacher, tmp_path):
+    """Its logits are the teacher's head applied to the teacher's hidden state after layer N / loops."""
+    keep = quality_uptrain.truncated_student(tiny_teacher, tmp_path / "cut", loops=2)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    cut = AutoModelForCausalLM.from_pretrained(tmp_path / "cut", dtype=torch.float32).eval()
+    assert keep == teacher.config.num_hidden_layers // 2 == cut.config.num_hidden_layers == len(cut.model.layers)
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        hidden = teacher(input_ids=ids, output_hidden_states=True).hidden_states[keep]  # after layer `keep`, before the norm
+        expected = teacher.lm_head(teacher.model.norm(hidden))
+        torch.testing.assert_close(cut(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "cut" / "tokenizer.json").is_file()
+
+
+def test_exit_mix_spans_loop_one_to_full_depth(tiny_student, tiny_teacher):
+    from rrt_ray import data, quality
+    from transformers import AutoTokenizer
+
+    tokens = data.tokenize_texts(data.load_texts("default", "heldout", 30_000), AutoTokenizer.from_pretrained(tiny_teacher))
+    tokens = tokens[: 2 * quality.SEQ_LEN + 1]
+    rows = quality_uptrain.exit_mix(tiny_student, tokens)
+    never, always, *by_threshold = rows
+    assert never["threshold"] is None and never["exit1_share"] == 0
+    assert never["ppl"] == pytest.approx(quality.window_perplexity(tiny_student, tokens), rel=1e-4)  # full depth
+    assert always["exit1_share"] == 1 and always["ppl"] != pytest.approx(never["ppl"], rel=1e-3)
+    shares = [r["exit1_share"] for r in by_threshold]  # thresholds fall: more tokens leave
+    assert [r["threshold"] for r in by_threshold] == sorted(quality_uptrain.THRESHOLDS, reverse=True)
+    assert shares == sorted(shares)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--groups", "uptrain,bogus"], "--groups 'uptrain,bogus': allowed: conversion, uptrain, early-exit"),
+    (["--reproduce", "no-such-arm"], "unknown arm 'no-such-arm'; allowed: original, avg-r64"),
+])  # fmt: skip
+def test_bench_quality_bad_arguments_exit_2(argv, message):
+    done = subprocess.run([sys.executable, "jobs/bench_quality.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
