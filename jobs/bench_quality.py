@@ -139,7 +139,7 @@ def _run(arm, teacher: str, windows, args: argparse.Namespace, rows: list[dict])
 
 def _reproduce(arms, rows: list[dict], teacher: str, windows, args: argparse.Namespace) -> int:
     """Rerun the arms into a scratch directory (the table is not touched); exit 1 unless each is within 2%."""
-    failed = 0
+    failed, lines = 0, []
     for arm in arms:
         recorded = [r for r in rows if r["arm"] == arm.name and r["windows"] == args.windows]
         if not recorded:
@@ -148,7 +148,12 @@ def _reproduce(arms, rows: list[dict], teacher: str, windows, args: argparse.Nam
         row = _run(arm, teacher, windows, argparse.Namespace(**{**vars(args), "workdir": str(Path(args.workdir) / "reproduce")}), rows)
         diff = abs(row["ppl"] - recorded[-1]["ppl"]) / recorded[-1]["ppl"]
         failed += diff > REPRODUCE_TOLERANCE
-        print(f"{arm.name}: table {recorded[-1]['ppl']:.6g}, rerun {row['ppl']:.6g}: {diff:.3%} {'ok' if diff <= REPRODUCE_TOLERANCE else 'OFF BY MORE THAN 2%'}", flush=True)
+        lines.append(f"| {arm.name} | {recorded[-1]['ppl']:.6g} | {row['ppl']:.6g} | {diff:.3%} | {'ok' if diff <= REPRODUCE_TOLERANCE else 'OFF BY MORE THAN 2%'} |")
+        print(lines[-1], flush=True)
+    command = f"python jobs/bench_quality.py --teacher {args.teacher} --windows {args.windows} --reproduce {args.reproduce}"
+    Path(args.results + "_reproduce.md").write_text("\n".join([
+        "# Reproducing arms of the quality study", "", f"Command: `{command}` ({time.strftime('%Y-%m-%d')}); tolerance {REPRODUCE_TOLERANCE:.0%}.", "",
+        "| arm | table ppl | rerun ppl | difference | |", "|---|---:|---:|---:|---|", *lines]) + "\n")
     return 1 if failed else 0
 
 

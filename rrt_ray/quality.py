@@ -272,7 +272,8 @@ def _plot(converted: list[dict], trained: list[dict], plot_path: Path) -> None:
     if trained:
         ax = axes[0][1]
         for r in trained:  # the job's own held-out evaluations: 16 windows of 128 tokens, not the table's yardstick
-            ax.plot([0] + [t for t, _ in r["curve"]], [r["start_ppl"]] + [p for _, p in r["curve"]], marker="o", label=r["arm"])
+            curve = sorted(dict(map(tuple, r["curve"])).items())  # rows written before run_job kept one point per step
+            ax.plot([0] + [t for t, _ in curve], [r["start_ppl"]] + [p for _, p in curve], marker="o", label=r["arm"])
         ax.set_yscale("log")
         ax.set_xlabel("uptraining tokens")
         ax.set_ylabel("held-out perplexity (log)")

@@ -109,8 +109,10 @@ def student_dir(arm: TrainArm, teacher: str, workdir: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    if arm.student.get("truncate"):
-        truncated_student(teacher, tmp)
+    if arm.student.get("truncate"):  # as a 1-loop recursive model of its own layers (exact): what jobs/uptrain.py takes
+        truncated_student(teacher, tmp.with_name(tmp.name + "-plain"))
+        convert_checkpoint(str(tmp.with_name(tmp.name + "-plain")), str(tmp), loops=1, lora_rank=0, overwrite=True, progress=False)
+        shutil.rmtree(tmp.with_name(tmp.name + "-plain"))
     else:
         convert_checkpoint(teacher, str(tmp), overwrite=True, progress=False, **arm.student)
     tmp.rename(out)
@@ -118,17 +120,27 @@ def student_dir(arm: TrainArm, teacher: str, workdir: Path) -> Path:
 
 
 def run_job(name: str, config: str, overrides: list[str], log_path: Path) -> tuple[dict, list[tuple[int, float]], float]:
-    """`python jobs/uptrain.py --config config overrides`; (its summary, [(tokens seen, held-out ppl)], wall s)."""
+    """`python jobs/uptrain.py --config config overrides`; (its summary, [(tokens seen, held-out ppl)], wall s).
+    A log that already ends in the job's summary (a study stopped while scoring) is read instead of training again."""
     started = time.perf_counter()
     command = [sys.executable, "jobs/uptrain.py", "--config", config, *overrides]
-    with open(log_path, "w") as log:
-        done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+    finished = log_path.is_file() and "uptrain: done " in log_path.read_text() and f"--config {config} {' '.join(overrides)}" in log_path.read_text()
+    if not finished:
+        with open(log_path, "w") as log:
+            log.write(f"command: {' '.join(command[1:])}\n")
+            log.flush()
+            done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{name}: jobs/uptrain.py exited {done.returncode}; its log: {log_path}\n{log_path.read_text()[-2000:]}")
     text = log_path.read_text()
-    if done.returncode != 0:
-        raise RuntimeError(f"{name}: jobs/uptrain.py exited {done.returncode}; its log: {log_path}\n{text[-2000:]}")
     summary = json.loads(text.rsplit("uptrain: done ", 1)[1].splitlines()[0])
-    curve = [(int(step) * TOKENS_PER_STEP, float(ppl)) for step, ppl in re.findall(r": step (\d+)/\d+ .*?\(ppl ([\d.]+)\)", text)]
-    return summary, curve, round(time.perf_counter() - started, 1)
+    summary["wall_s"] = float(re.search(r"^wall_s: ([\d.]+)$", text, re.M).group(1)) if finished else round(time.perf_counter() - started, 1)
+    if not finished:
+        with open(log_path, "a") as log:
+            log.write(f"wall_s: {summary['wall_s']}\n")
+    # Ray's log forwarding can print a worker's line twice: one point per step
+    curve = sorted({int(step) * TOKENS_PER_STEP: float(ppl) for step, ppl in re.findall(r": step (\d+)/\d+ .*?\(ppl ([\d.]+)\)", text)}.items())
+    return summary, curve, summary["wall_s"]
 
 
 def run_train_arm(arm: TrainArm, teacher: str, windows: torch.Tensor, workdir: Path, rows: list[dict]) -> dict:
@@ -151,7 +163,7 @@ def run_train_arm(arm: TrainArm, teacher: str, windows: torch.Tensor, workdir: P
     overrides += [*arm.overrides, f"model.teacher={teacher}", f"model.student={student}", f"run.name={arm.name}-{arm.key}",
                   f"run.storage={runs}", f"run.output={workdir / 'models' / arm.name}", f"run.workdir={workdir / 'work' / arm.name}"]
     summary, curve, row["train_s"] = run_job(arm.name, config, overrides, workdir / f"{arm.name}.log")
-    model = resolve_model(str(workdir / "models" / arm.name)).local_dir
+    model = resolve_model(str(workdir / "models" / arm.name)).path
     row.update(model=str(model), steps=summary["step"], tokens=summary["step"] * TOKENS_PER_STEP, curve=curve,
                tokens_per_s=summary.get("tokens_per_s_mean") or summary.get("tokens_per_s"), peak_rss_mb=summary.get("peak_rss_mb"))
     with torch.device("meta"):

@@ -28,6 +28,13 @@ def test_truncated_student_is_the_teachers_first_layers(tiny_teacher, tmp_path):
         expected = teacher.lm_head(teacher.model.norm(hidden))
         torch.testing.assert_close(cut(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
     assert (tmp_path / "cut" / "tokenizer.json").is_file()
+    # the study trains it as a 1-loop recursive model of the same layers (what jobs/uptrain.py takes): the same logits
+    arm = next(a for a in quality_uptrain.uptrain_arms() if a.student.get("truncate"))
+    student = quality_uptrain.student_dir(arm, tiny_teacher, tmp_path / "study")
+    recursive = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
+    assert recursive.config.model_type == "rrt_recursive"
+    with torch.no_grad():
+        torch.testing.assert_close(recursive(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_exit_mix_spans_loop_one_to_full_depth(tiny_student, tiny_teacher):
