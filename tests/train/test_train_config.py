@@ -38,6 +38,7 @@ def test_unknown_key_lists_the_valid_ones():
     "override, fragment",
     [
         ("zero.stage=4", "zero.stage 4 is not one of 1, 2, 3"),
+        ("model.loss_chunk_tokens=-4", "model.loss_chunk_tokens must be >= 0"),
         ("zero.precision=fp16", "zero.precision 'fp16' is not one of fp32, bf16"),
         ("kd.loss=kl", "kd.loss 'kl' is not one of forward_kl, reverse_kl, jsd"),
         ("kd.weight=1.5", "kd.weight must be in [0, 1], got 1.5"),
