@@ -225,7 +225,7 @@ def write_report(rows: list[dict], md_path: Path, plot_path: Path, command: str,
         lines.append(f"| {r['arm']} | {options} | {r['params']:,} | {share(r)} | {r['ppl']:.4g} | {r['convert_s']} | {r['eval_s']} |")
     if trained:
         lines += ["", "## 5b: the same uptraining budget for each arm", "",
-                  f"Each arm: `jobs/uptrain.py --config jobs/configs/demo.yaml` with {', '.join(quality_uptrain.TRAIN_OVERRIDES)}",
+                  f"Each arm: `jobs/uptrain.py --config {quality_uptrain.CONFIG}` with {', '.join(quality_uptrain.TRAIN_OVERRIDES)}",
                   f"(2 workers, ZeRO-2, fp32, {quality_uptrain.TOKENS_PER_STEP:,} tokens a step). tokens/s is the job's steady rate; peak RSS",
                   "is the largest worker's VmHWM over the run.", "",
                   f"acc: `rrt eval`'s lm-eval next-line task, {quality_uptrain.EVAL_DOCS} documents, 4 choices (chance 25%)"

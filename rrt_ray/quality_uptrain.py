@@ -2,8 +2,8 @@
 early-exit post-training of the best, each through the real job (`python jobs/uptrain.py`, 2 Ray Train workers).
 
 A student is a conversion (rrt_ray.quality's options, cached by its options under <workdir>/students) or the
-truncated baseline: the teacher's first N / loops layers as a plain model of the same family, the paper's
-"same size, no sharing" comparison. Every arm trains for UPTRAIN_STEPS steps of the same batches (seeded),
+truncated baseline: the teacher's first N / loops layers, the paper's "same size, no sharing" comparison
+(trained as a 1-loop recursive model of those layers, which is exactly that model). Every arm trains for UPTRAIN_STEPS steps of the same batches (seeded),
 then is scored on the study's yardstick (rrt_ray.quality.window_perplexity). The job's own held-out
 evaluations, every EVAL_EVERY steps, give the recovery curve (perplexity against tokens seen).
 """
@@ -23,19 +23,21 @@ from pathlib import Path
 import torch
 
 from rrt_ray import lm_eval_task, quality
+from rrt_ray.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-UPTRAIN_STEPS = 12  # 24,576 tokens an arm: ~8 min of a 2-core machine at ~55 tokens/s
+UPTRAIN_STEPS = 12  # 24,576 tokens an arm: ~10 min of a 2-core machine at ~50 tokens/s
 EVAL_EVERY = 4
 EXIT_STEPS = 8
-# jobs/configs/demo.yaml's shape (2 workers x 8 x 128 tokens a step: 2,048), the issue's learning rate and KD weight
+# on CONFIG's shape (2 workers x 8 x 128 tokens a step), the issue's learning rate and KD weight
 TRAIN_OVERRIDES = (
     f"optim.max_steps={UPTRAIN_STEPS}", "optim.warmup_steps=2", "optim.lr=3e-4", "kd.weight=0.9",
     "data.eval_batches=1", f"run.eval_every={EVAL_EVERY}", "run.log_every=2", "run.checkpoint_every=0", "model.calibrate=0",
 )  # fmt: skip
 EXIT_OVERRIDES = (f"optim.max_steps={EXIT_STEPS}", "optim.warmup_steps=2", f"run.eval_every={EXIT_STEPS}")
 THRESHOLDS = (0.9, 0.8, 0.6, 0.4)  # exit after loop 1 when its top probability reaches this (the confidence rule)
-TOKENS_PER_STEP = 2 * 8 * 128
+CONFIG = "jobs/configs/demo.yaml"  # the shape of every arm's job
+TOKENS_PER_STEP = TrainConfig.load(REPO / CONFIG).tokens_per_step
 EVAL_DOCS = 100  # lm-eval's 4-way next-line task (chance 25%): ~3 min a model on 2 cores (`rrt eval` defaults to 200)
 
 
@@ -157,7 +159,7 @@ def run_train_arm(arm: TrainArm, teacher: str, windows: torch.Tensor, workdir: P
         student, config, overrides = previous["model"], "jobs/configs/demo_early_exit.yaml", [*TRAIN_OVERRIDES, *EXIT_OVERRIDES]
         row["options"]["after"] = arm.after
     else:
-        student, config, overrides = str(student_dir(arm, teacher, workdir)), "jobs/configs/demo.yaml", list(TRAIN_OVERRIDES)
+        student, config, overrides = str(student_dir(arm, teacher, workdir)), CONFIG, list(TRAIN_OVERRIDES)
     row["build_s"] = round(time.perf_counter() - built, 1)
     row["start_ppl"] = start_ppl(arm, student, windows, rows)
     overrides += [*arm.overrides, f"model.teacher={teacher}", f"model.student={student}", f"run.name={arm.name}-{arm.key}",
