@@ -31,7 +31,7 @@ real-model: $(STAMP)
 
 # `make test` is everything CI runs: the fast tests and the slow end-to-end ones, not the heavy real-model study.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not heavy" tests
+	$(BIN)/python -m pytest -q -m "not heavy" --durations=30 tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not heavy" tests
