@@ -8,7 +8,7 @@ Each arm starts two fresh ranks (gloo, as the 2 Ray Train workers of the demo) t
 it in between (/proc/self/clear_refs), so each phase's own peak shows. The student is the teacher converted
 with 2 loops and rank-64 plain SVD (memory does not depend on how the LoRA was initialised). "States" is what
 the issue counts: the student's fp32 weights, gradients and two Adam moments (16 bytes a parameter) plus the
-frozen teacher's weights. Writes results/bench_train_memory.md.
+frozen teacher's weights. Writes results/bench_train_memory.md, and each arm's raw measurements to its .json.
 """
 
 from __future__ import annotations
@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     student = args.student or student_dir(args.teacher, work / "student")
     base = [f"model.teacher={args.teacher}", f"model.student={student}", f"run.workdir={work / 'run'}"]
     command = "python jobs/bench_train_memory.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    kept = work / "arms.json"  # each arm's measurements, kept as it finishes; arms not named now stay in the report
+    # each arm's measurements, kept beside the report (not under the ignored workdir) as it finishes: arms not
+    # named now stay in the report, also on a fresh machine, so a later run adds arms without rerunning the others
+    kept = Path(args.out).with_suffix(".json")
     arms = [a for a in (json.loads(kept.read_text()) if kept.is_file() else []) if a["name"] in ARMS and a["name"] not in names]
     for name in names:
         print(f"arm {name}: {ARMS[name][1]}", flush=True)
