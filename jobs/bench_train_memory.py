@@ -1,4 +1,4 @@
-"""Where a training worker's memory goes, and what the chunked loss and gradient checkpointing save (issue 11, item 7).
+"""Where a training worker's memory goes, and what each memory setting saves (issue 11, item 7).
 
     python jobs/bench_train_memory.py --teacher out/models/smollm2-135m [--steps 3] [--arms whole,chunked,...]
 
@@ -8,7 +8,9 @@ Each arm starts two fresh ranks (gloo, as the 2 Ray Train workers of the demo) t
 it in between (/proc/self/clear_refs), so each phase's own peak shows. The student is the teacher converted
 with 2 loops and rank-64 plain SVD (memory does not depend on how the LoRA was initialised). "States" is what
 the issue counts: the student's fp32 weights, gradients and two Adam moments (16 bytes a parameter) plus the
-frozen teacher's weights. Writes results/bench_train_memory.md, and each arm's raw measurements to its .json.
+frozen teacher's weights. The settings are the trainer's own: model.loss_chunk_tokens, model.gradient_checkpointing,
+run.trim_heap, zero.bucket_size and run.mmap_threshold_mb (train/config.py). Writes results/bench_train_memory.md,
+and each arm's raw measurements to its .json.
 """
 
 from __future__ import annotations
@@ -25,15 +27,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-MMAP = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # glibc: blocks >= 1 MiB from mmap, returned to the OS when freed
-# name -> (config overrides, what it is, environment of the ranks)
-ARMS: dict[str, tuple[list[str], str, dict[str, str]]] = {
-    "whole": (["model.loss_chunk_tokens=0"], "whole-batch loss (before)", {}),
-    "chunked": ([], "chunked LM head + loss (the default, 256 tokens a chunk)", {}),
-    "chunked+gc": (["model.gradient_checkpointing=true"], "chunked + gradient checkpointing per unrolled layer", {}),
-    "whole+mmap": (["model.loss_chunk_tokens=0"], "whole-batch loss, glibc mmap threshold 1 MiB", MMAP),
-    "chunked+mmap": ([], "chunked, glibc mmap threshold 1 MiB", MMAP),
-    "chunked+gc+mmap": (["model.gradient_checkpointing=true"], "chunked + checkpointing, glibc mmap threshold 1 MiB", MMAP),
+GC, TRIM = ["model.gradient_checkpointing=true"], ["run.trim_heap=true"]
+MMAP, SMALL_BUCKET = ["run.mmap_threshold_mb=1"], ["zero.bucket_size=10000000"]
+# name -> (config overrides, what it is)
+ARMS: dict[str, tuple[list[str], str]] = {
+    "whole": (["model.loss_chunk_tokens=0"], "whole-batch loss (before)"),
+    "chunked": ([], "chunked LM head + loss (the default, 256 tokens a chunk)"),
+    "chunked+gc": (GC, "chunked + gradient checkpointing per unrolled layer"),
+    "chunked+gc+mmap": (GC + MMAP, "chunked + checkpointing, glibc mmap threshold 1 MiB"),
+    "chunked+gc+trim": (GC + TRIM, "chunked + checkpointing, heap trimmed between the phases (run.trim_heap)"),
+    "chunked+gc+trim+bucket": (GC + TRIM + SMALL_BUCKET, "chunked + checkpointing + trim, ZeRO buckets of 10M elements, not 50M"),
+    "low-memory": (GC + TRIM + SMALL_BUCKET + MMAP, "all four: chunked + checkpointing + trim + 10M buckets + mmap threshold 1 MiB"),
 }
 PHASES = ("imports", "models loaded", "data", "engine built", "forward+loss", "backward", "optimizer step")
 
@@ -69,6 +73,7 @@ def rank_main(rank: int, world: int, port: int, overrides: list[str], steps: int
 
     mark("imports")
     cfg = TrainConfig.load(REPO / "jobs" / "configs" / "demo.yaml", overrides)
+    loop.configure_allocator(cfg)  # as loop.setup_worker does
     tokenizer, model, teacher = loop.load_models(cfg, Path(cfg.run.workdir) / f"worker{rank}")
     mark("models loaded")
     batches, _ = loop.load_data(cfg, tokenizer, rank, world)
@@ -79,10 +84,13 @@ def rank_main(rank: int, world: int, port: int, overrides: list[str], steps: int
     for _ in range(steps):
         start = time.perf_counter()
         terms = loop.micro_batch_loss(engine, teacher, batches.next(), cfg)
+        loop.trim_heap(cfg)  # as loop.train does, with run.trim_heap
         mark("forward+loss")
         engine.backward(terms["loss"])
+        loop.trim_heap(cfg)
         mark("backward")
         engine.step()
+        loop.trim_heap(cfg)
         mark("optimizer step")
         step_seconds.append(time.perf_counter() - start)
     dist.barrier()
@@ -99,14 +107,8 @@ def run_arm(name: str, base: list[str], steps: int) -> dict:
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=rank_main, args=(rank, 2, port, base + ARMS[name][0], steps, queue)) for rank in range(2)]
-    saved = dict(os.environ)
-    os.environ.update(ARMS[name][2])  # glibc reads its tunables when a process starts: the spawned ranks see them
-    try:
-        for proc in procs:
-            proc.start()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    for proc in procs:
+        proc.start()
     results = [queue.get(timeout=1800) for _ in procs]
     for proc in procs:
         proc.join()

@@ -237,6 +237,10 @@ class RunOptions:
     verify_export: reload the export in the worker and compare its logits with the engine's.
     stop_at: stop with a checkpoint (and no export) after this optimizer step; 0 runs to optim.max_steps.
         The schedule still spans optim.max_steps, so a later run with the same name continues the curve.
+    trim_heap: return the C heap's free pages to the OS after every forward, backward and optimizer step (glibc
+        malloc_trim; train/memory.py): a lower peak RSS per worker for a little time (jobs/bench_train_memory.py).
+    mmap_threshold_mb: serve allocations of at least this many MiB from mmap, returned to the OS when freed
+        (glibc mallopt, set when the worker starts; 0: glibc's own dynamic threshold).
     """
 
     name: str = "uptrain"
@@ -255,6 +259,8 @@ class RunOptions:
     eval_every: int = 50
     verify_export: bool = True
     stop_at: int = 0
+    trim_heap: bool = False
+    mmap_threshold_mb: int = 0
 
     def __post_init__(self) -> None:
         _require(bool(self.name) and "/" not in self.name, f"run.name must be a non-empty name without '/', got {self.name!r}")
@@ -270,6 +276,7 @@ class RunOptions:
             _require(getattr(self, key) >= 0, f"run.{key} must be >= 0 (0 disables), got {getattr(self, key)}")
         _require(self.log_every >= 1, f"run.log_every must be >= 1, got {self.log_every}")
         _require(self.stop_at >= 0, f"run.stop_at must be >= 0 (0: run to optim.max_steps), got {self.stop_at}")
+        _require(0 <= self.mmap_threshold_mb <= 32, f"run.mmap_threshold_mb must be in [0, 32] (MiB; 0: glibc's default), got {self.mmap_threshold_mb}")
         _require(self.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
 

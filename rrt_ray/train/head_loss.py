@@ -40,8 +40,11 @@ class OutputHead:
     def logits(self, hidden: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         """hidden (..., H) -> logits (..., V), with `params` standing in for self.params (detached copies)."""
         weight, bias = (params[0], params[1] if len(params) > 1 else None) if params else (self.weight, self.bias)
-        logits = F.linear(hidden, weight, bias)
-        return logits if not self.softcap else torch.tanh(logits / self.softcap) * self.softcap
+        return self.cap(F.linear(hidden, weight, bias))
+
+    def cap(self, z: torch.Tensor) -> torch.Tensor:
+        """The logits from the linear output z: softcapped where the family has it."""
+        return z if not self.softcap else torch.tanh(z / self.softcap) * self.softcap
 
 
 def output_head(model: nn.Module) -> OutputHead:
@@ -55,31 +58,44 @@ def output_head(model: nn.Module) -> OutputHead:
 def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """(B, T) -> the hidden states (B, T, H) the LM head reads: the decoder's output, final norm applied."""
     decoder = model.backbone.base_model if hasattr(model, "backbone") else model.base_model  # recursive: its backbone's
-    return decoder(input_ids=input_ids).last_hidden_state
+    # no KV cache: a training forward would otherwise keep every position's keys and values to the end
+    return decoder(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Forward: the objective summed over token chunks, each chunk's gradients taken at once and accumulated.
-    Backward: those gradients times the incoming one (the objective is a sum, so this is exact)."""
+    Backward: those gradients times the incoming one (the objective is a sum, so this is exact).
+
+    Autograd differentiates only from the chunk's pre-activation logits z = hidden @ weight.T + bias onwards; the
+    hidden-state and head gradients are then added in place (dz @ weight, dz.T @ hidden, dz summed), so a chunk
+    never allocates a head-sized gradient of its own: with a 49,152 x 576 head that is 113 MB fp32 a chunk."""
 
     @staticmethod
     def forward(ctx, objective: Objective, head: OutputHead, chunk: int, n_hidden: int, *tensors: torch.Tensor):
         hiddens, params = tensors[:n_hidden], tensors[n_hidden:]
+        weight, bias = params[0], params[1] if len(params) > 1 else None
         wants = [t.requires_grad for t in tensors]
         # accumulated in at least fp32 (a bf16 head weight sums many chunks), returned in each input's dtype
         grads = [torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)) if want else None for t, want in zip(tensors, wants)]
+        any_grad = any(wants)
         loss_sum, logged_sum = None, None
         for start in range(0, hiddens[0].shape[0], chunk):
             part = slice(start, start + chunk)
+            xs = [h[part].detach() for h in hiddens]
             with torch.enable_grad():
-                leaves = [h[part].detach().requires_grad_(want) for h, want in zip(hiddens, wants)]
-                leaves += [p.detach().requires_grad_(want) for p, want in zip(params, wants[n_hidden:])]
-                loss, logged = objective([head.logits(h, *leaves[n_hidden:]) for h in leaves[:n_hidden]], part)
-                wrt = [leaf for leaf in leaves if leaf.requires_grad]
-                got = iter(torch.autograd.grad(loss, wrt, allow_unused=True) if wrt and loss.requires_grad else [None] * len(wrt))
-            for i, leaf in enumerate(leaves):
-                if leaf.requires_grad and (g := next(got)) is not None:
-                    (grads[i][part] if i < n_hidden else grads[i]).add_(g)
+                zs = [F.linear(x, weight.detach(), None if bias is None else bias.detach()).requires_grad_(any_grad) for x in xs]
+                loss, logged = objective([head.cap(z) for z in zs], part)
+                dzs = torch.autograd.grad(loss, zs, allow_unused=True) if any_grad and loss.requires_grad else [None] * len(zs)
+            for i, (x, dz) in enumerate(zip(xs, dzs)):
+                if dz is None:
+                    continue
+                dz = dz.to(grads[i].dtype if wants[i] else torch.promote_types(dz.dtype, torch.float32))
+                if wants[i]:
+                    grads[i][part].addmm_(dz, weight.detach().to(dz.dtype))
+                if wants[n_hidden]:
+                    grads[n_hidden].addmm_(dz.T, x.to(dz.dtype))
+                if bias is not None and wants[n_hidden + 1]:
+                    grads[n_hidden + 1].add_(dz.sum(0))
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
             logged_sum = logged.detach() if logged_sum is None else logged_sum + logged.detach()
         ctx.wants, ctx.dtypes = wants, [t.dtype for t in tensors]
@@ -90,7 +106,12 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_logged: torch.Tensor):
         saved = iter(ctx.saved_tensors)
-        grads = [(next(saved) * grad_loss).to(dtype) if want else None for want, dtype in zip(ctx.wants, ctx.dtypes)]
+        # a loss used as is (the common case) takes the saved gradients without a head-sized copy
+        unit = bool((grad_loss == 1).all())
+        grads = []
+        for want, dtype in zip(ctx.wants, ctx.dtypes):
+            g = next(saved) if want else None
+            grads.append(None if g is None else (g if unit else g * grad_loss).to(dtype))
         return (None, None, None, None, *grads)
 
 

@@ -47,6 +47,8 @@ def test_unknown_key_lists_the_valid_ones():
         ("optim.warmup_steps=500", "optim.warmup_steps (500) must be < optim.max_steps (100)"),
         ("model.lora_rank=-1", "model.lora_rank must be an integer >= 0 or 'full', got -1"),
         ("run.num_workers=0", "run.num_workers must be >= 1, got 0"),
+        ("run.mmap_threshold_mb=64", "run.mmap_threshold_mb must be in [0, 32] (MiB; 0: glibc's default), got 64"),
+        ("run.trim_heap=maybe", "run.trim_heap must be bool"),
     ],
 )
 def test_validation_names_the_bad_value_and_what_is_allowed(override, fragment):
