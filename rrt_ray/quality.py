@@ -159,9 +159,9 @@ PAPER_CLAIMS = (
     ("stepwise init suits plain recursive models best (here before any uptraining)", "stepwise-r0", "avg-r0"),
     ("average init suits SVD-initialised relaxed models best (here before any uptraining)", "avg-r64", "stepwise-r64"),
 )
-NOT_BUILT = (
-    "5e tune sweep on SmolLM2: not run (see results/tune_demo.md for the sweep on the demo teacher)",
-)
+# 5e: `python jobs/tune.py --config jobs/configs/tune_smollm2.yaml`'s results.csv, copied beside the study's table
+TUNE_CSV = "tune_smollm2.csv"
+TUNE_COLUMNS = ("trial", "lora_rank", "model.calibrate", "params_pct", "heldout_ppl", "tokens_seen", "wall_s", "status", "note")
 
 
 def findings(rows: list[dict], comparisons=COMPARISONS) -> list[str]:
@@ -198,6 +198,34 @@ def exit_summary(exits: list[dict]) -> list[str]:
     return lines
 
 
+def _cell(text: str) -> str:
+    if text.isdigit():
+        return f"{int(text):,}"
+    try:
+        return f"{float(text):.4g}"
+    except ValueError:
+        return text
+
+
+def tune_section(csv_path: Path) -> list[str]:
+    """5e, if the sweep has run: its trials (on the sweep's own held-out set, not the study's windows) and the best."""
+    import csv
+
+    if not csv_path.is_file():
+        return []
+    trials = list(csv.DictReader(csv_path.open()))
+    lines = ["", "## 5e: Ray Tune sweep over LoRA rank and calibration (`jobs/configs/tune_smollm2.yaml`)", "",
+             f"`python jobs/tune.py --config jobs/configs/tune_smollm2.yaml` (results/tune_smollm2.md). Held-out ppl is the sweep's own",
+             "held-out set (the trainer's evaluation), so it is comparable between trials, not with the windows above.", "",
+             "| " + " | ".join(TUNE_COLUMNS) + " |", "|" + "---|" * len(TUNE_COLUMNS)]
+    lines += ["| " + " | ".join(_cell(t.get(c, "")) for c in TUNE_COLUMNS) + " |" for t in trials]
+    finished = [t for t in trials if t["status"] == "finished"]
+    if finished:
+        best = min(finished, key=lambda t: float(t["heldout_ppl"]))
+        lines += ["", f"Best finished trial: {best['trial']} (rank {best['lora_rank']}, calibrate {best['model.calibrate']}), held-out ppl {float(best['heldout_ppl']):.4g}."]
+    return lines
+
+
 def write_report(rows: list[dict], md_path: Path, plot_path: Path, command: str, machine: str) -> None:
     """The study's markdown (conversion, uptraining and early-exit tables, findings, what is missing) and plots."""
     from rrt_ray import quality_uptrain
@@ -223,7 +251,8 @@ def write_report(rows: list[dict], md_path: Path, plot_path: Path, command: str,
         lines += ["", "## 5b: the same uptraining budget for each arm", "",
                   f"Each arm: `jobs/uptrain.py --config {quality_uptrain.CONFIG}` with {', '.join(quality_uptrain.TRAIN_OVERRIDES)}",
                   f"(2 workers, ZeRO-2, fp32, {quality_uptrain.TOKENS_PER_STEP:,} tokens a step). tokens/s is the job's steady rate; peak RSS",
-                  "is the largest worker's VmHWM over the run.", "",
+                  "is the largest worker's VmHWM over the run, with the settings of the day each arm ran: item 7's savings came later",
+                  "(results/bench_train_memory.md measures the current default and the low-memory settings).", "",
                   f"acc: `rrt eval`'s lm-eval next-line task, {quality_uptrain.EVAL_DOCS} documents, 4 choices (chance 25%)"
                   + (f"; the original scores {teacher['acc']:.1%}." if teacher and "acc" in teacher else "."), "",
                   "| arm | student | params | of original | ppl before | ppl after | acc | tokens | tokens/s | peak RSS/worker | job s |",
@@ -240,13 +269,15 @@ def write_report(rows: list[dict], md_path: Path, plot_path: Path, command: str,
         for e in r["exits"]:
             label = "never (full depth)" if e["threshold"] is None else "always (loop 1 only)" if e["threshold"] == 0 else f"{e['threshold']}"
             lines.append(f"| {label} | {e['exit1_share']:.1%} | {e['ppl']:.4g} |")
+    sweep = tune_section(md_path.parent / TUNE_CSV)
+    lines += sweep
     lines += ["", "## Findings (computed from the rows above)", "", *findings(converted), *findings(trained, TRAINING_COMPARISONS)]
     lines += ["", "## Which of the paper's findings hold here (computed from the rows above)", "", *paper_checks(rows), *exit_summary(exits)]
-    lines += ["", "## Missing", ""]
     done = {r["arm"] for r in rows}
-    lines += [f"- arm {a.name}: no row yet" for a in conversion_arms() + quality_uptrain.uptrain_arms() if a.name not in done]
-    lines += [] if exits else ["- 5c early-exit post-training: no row yet"]
-    lines += [f"- {item}" for item in NOT_BUILT]
+    missing = [f"- arm {a.name}: no row yet" for a in conversion_arms() + quality_uptrain.uptrain_arms() if a.name not in done]
+    missing += [] if exits else ["- 5c early-exit post-training: no row yet"]
+    missing += [] if sweep else [f"- 5e tune sweep on SmolLM2: no {TUNE_CSV} yet (`python jobs/tune.py --config jobs/configs/tune_smollm2.yaml`)"]
+    lines += ["", "## Missing", "", *(missing or ["- nothing: every arm of 5a-5e has its row"])]
     lines += ["", f"Complete the table (resumes, skips finished arms): `{command.split(' --arms')[0]}`"]
     md_path.write_text("\n".join(lines) + "\n")
     _plot(converted, trained, plot_path)

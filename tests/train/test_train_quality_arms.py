@@ -60,3 +60,22 @@ def test_exit_mix_spans_loop_one_to_full_depth(tiny_student, tiny_teacher):
 def test_bench_quality_bad_arguments_exit_2(argv, message):
     done = subprocess.run([sys.executable, "jobs/bench_quality.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_tune_section_reads_the_sweeps_csv(tmp_path):
+    """5e: the study's report shows the sweep's trials from its results.csv (as tune/results.py writes it) and
+    picks the best finished trial, never a stopped one with a lower loss; no csv: no section."""
+    from rrt_ray import quality
+    from rrt_ray.tune import results
+
+    def row(name, rank, calibrate, ppl, status):
+        return {"trial": name, "lora_rank": rank, "model.calibrate": calibrate, "params": 100, "params_pct": 75.06, "heldout_loss": 0.0,
+                "heldout_ppl": ppl, "tokens_seen": 12288, "tokens_budget": 12288, "wall_s": 301.5, "status": status, "pareto": "", "note": "", "export_uri": ""}
+
+    path = tmp_path / quality.TUNE_CSV
+    assert quality.tune_section(path) == []
+    path.write_text(results.to_csv([row("t00-64-0", 64, 0, 1234.5678, results.FINISHED), row("t01-64-16", 64, 16, 45.678, results.FINISHED),
+                                    row("t02-128-0", 128, 0, 12.0, results.STOPPED)]))
+    text = "\n".join(quality.tune_section(path))
+    assert "| t00-64-0 | 64 | 0 | 75.06 | 1235 | 12,288 | 301.5 | finished |" in text
+    assert "Best finished trial: t01-64-16 (rank 64, calibrate 16), held-out ppl 45.68." in text
