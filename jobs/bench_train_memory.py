@@ -37,7 +37,7 @@ ARMS: dict[str, tuple[list[str], str]] = {
     "chunked+gc+mmap": (GC + MMAP, "chunked + checkpointing, glibc mmap threshold 1 MiB"),
     "chunked+gc+trim": (GC + TRIM, "chunked + checkpointing, heap trimmed between the phases (run.trim_heap)"),
     "chunked+gc+trim+bucket": (GC + TRIM + SMALL_BUCKET, "chunked + checkpointing + trim, ZeRO buckets of 10M elements, not 50M"),
-    "low-memory": (GC + TRIM + SMALL_BUCKET + MMAP, "all four: chunked + checkpointing + trim + 10M buckets + mmap threshold 1 MiB"),
+    "low-memory": (GC + TRIM + SMALL_BUCKET + MMAP, "the four settings on the chunked default: checkpointing + trim + 10M buckets + mmap threshold 1 MiB"),
 }
 PHASES = ("imports", "models loaded", "data", "engine built", "forward+loss", "backward", "optimizer step")
 
