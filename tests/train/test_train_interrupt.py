@@ -19,8 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-# SIGTERM takes the same path as SIGINT (one handler) and costs CI ~3 min more: heavy, run with `make test-heavy`.
-@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.heavy)], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_uptraining_stops_cleanly_and_keeps_the_last_checkpoint(make_config, tmp_path, signum):
     from rrt_ray import storage
 

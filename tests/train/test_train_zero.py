@@ -41,10 +41,6 @@ def test_zero_stage_trains_with_kd_and_exports(ray_local, make_config, weights, 
     assert (Path(metrics["export_uri"]) / "tokenizer.json").is_file()
 
 
-# heavy since CI neared its 45-minute budget (186 s here). In CI, test_train_acceptance.py's killed-worker test
-# still checks that a resumed run's weights equal an uninterrupted run's (Ray's restart path); only this
-# run.stop_at-then-rerun-the-same-name path waits for `make test-heavy`.
-@pytest.mark.heavy
 def test_resume_from_checkpoint_equals_uninterrupted_run(ray_local, make_config, weights):
     """Stop after step 3 (checkpoint), rerun with the same name: same batches, same final weights."""
     common = ["zero.stage=2", "optim.max_steps=6", "kd.loss=forward_kl"]
