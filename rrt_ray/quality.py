@@ -199,12 +199,15 @@ def exit_summary(exits: list[dict]) -> list[str]:
 
 
 def _cell(text: str) -> str:
-    if text.isdigit():
-        return f"{int(text):,}"
-    try:
-        return f"{float(text):.4g}"
-    except ValueError:
-        return text
+    """A csv field as the sweep's own table prints it (tune/results.py)."""
+    from rrt_ray.tune.results import format_cell
+
+    for kind in (int, float):
+        try:
+            return format_cell(kind(text))
+        except ValueError:
+            pass
+    return text
 
 
 def tune_section(csv_path: Path) -> list[str]:

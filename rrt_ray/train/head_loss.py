@@ -37,10 +37,9 @@ class OutputHead:
     def params(self) -> list[nn.Parameter]:
         return [p for p in (self.weight, self.bias) if p is not None]
 
-    def logits(self, hidden: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        """hidden (..., H) -> logits (..., V), with `params` standing in for self.params (detached copies)."""
-        weight, bias = (params[0], params[1] if len(params) > 1 else None) if params else (self.weight, self.bias)
-        return self.cap(F.linear(hidden, weight, bias))
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., H) -> logits (..., V)."""
+        return self.cap(F.linear(hidden, self.weight, self.bias))
 
     def cap(self, z: torch.Tensor) -> torch.Tensor:
         """The logits from the linear output z: softcapped where the family has it."""

@@ -39,7 +39,6 @@ def reset_peak() -> bool:
         return False
 
 
-
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
@@ -52,8 +51,9 @@ def _glibc(name: str) -> Any:
 
 
 def set_mmap_threshold(nbytes: int) -> bool:
-    """Serve every later allocation of at least nbytes from its own mmap, unmapped when freed (glibc mallopt;
-    what MALLOC_MMAP_THRESHOLD_ does from the environment, settable after start). It also turns off glibc's
+    """Serve later allocations of at least nbytes that the heap's free chunks cannot hold from their own mmap,
+    unmapped when freed (glibc mallopt; what MALLOC_MMAP_THRESHOLD_ does from the environment, settable after
+    start: so set it before the models load, while the heap is small). It also turns off glibc's
     dynamic threshold, which otherwise climbs to 32 MiB after the first large free and keeps a training step's
     activation blocks (a few MiB each) in the heap. Returns False where there is no glibc or it refuses."""
     mallopt = _glibc("mallopt")

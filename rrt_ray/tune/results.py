@@ -103,7 +103,8 @@ def select_best(rows: list[dict[str, Any]], max_params_frac: float) -> dict[str,
     return min(eligible, key=lambda r: (r["heldout_loss"], r["params"])) if eligible else None
 
 
-def _fmt(value: Any) -> str:
+def format_cell(value: Any) -> str:
+    """A table cell: floats to 4 significant digits, large ints with thousands separators."""
     if isinstance(value, float):
         if math.isnan(value):
             return "-"
@@ -128,7 +129,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     columns = table_columns(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_cell(row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
